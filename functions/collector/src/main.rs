@@ -1,0 +1,44 @@
+//! The collector Lambda: wiring only.
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use lambda_runtime::{LambdaEvent, service_fn};
+use nightshift_collector::{Incoming, collect};
+use nightshift_core::aws::dynamodb::DynamoStore;
+use nightshift_core::config;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let aws = aws_config::load_from_env().await;
+    let store = DynamoStore::new(
+        nightshift_core::aws::dynamodb::Client::new(&aws),
+        config::required("NIGHTSHIFT_TABLE")?,
+        config::parsed_or("NIGHTSHIFT_PENDING_SHARDS", 8)?,
+    );
+    let store = &store;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
+        let messages: Vec<Incoming> = event
+            .payload
+            .records
+            .into_iter()
+            .filter_map(|record| {
+                Some(Incoming {
+                    message_id: record.message_id?,
+                    body: record.body.unwrap_or_default(),
+                })
+            })
+            .collect();
+        let retry = collect(store, &messages).await;
+        let mut response = SqsBatchResponse::default();
+        response.batch_item_failures = retry
+            .into_iter()
+            .map(|id| {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = id;
+                failure
+            })
+            .collect();
+        Ok::<_, lambda_runtime::Error>(response)
+    }))
+    .await
+}

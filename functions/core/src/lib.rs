@@ -1,0 +1,20 @@
+//! nightshift's domain: tasks and runs, the messages that move them, and the
+//! ports (narrow traits) through which the functions and the worker reach
+//! storage, queues and compute. AWS adapters for each port live in [`aws`],
+//! each behind the cargo feature of its SDK crate, so a crate compiles only
+//! the clients it calls. Domain code never sees an AWS type.
+
+pub mod config;
+mod error;
+pub mod message;
+pub mod model;
+pub mod ports;
+
+#[cfg(any(feature = "dynamodb", feature = "sqs", feature = "s3", feature = "ec2"))]
+pub mod aws;
+#[cfg(any(test, feature = "fakes"))]
+pub mod fakes;
+
+pub use error::Error;
+pub use message::{AttemptEvent, Envelope, TaskMessage, TaskOutcome, TaskResult};
+pub use model::{Blob, NewTask, PendingTask, Run, RunState, Task, TaskStatus};

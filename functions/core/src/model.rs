@@ -1,0 +1,194 @@
+//! Tasks and runs, and the transitions between their states.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A task's life: PENDING until a dispatcher queues it into a run, QUEUED
+/// until a worker's result (or the dead-letter queue) ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskStatus {
+    Pending,
+    Queued,
+    Done,
+    Failed,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Queued => "QUEUED",
+            Self::Done => "DONE",
+            Self::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Queued, Self::Done, Self::Failed]
+            .into_iter()
+            .find(|status| status.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Done | Self::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RunState {
+    Open,
+    Finished,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "OPEN",
+            Self::Finished => "FINISHED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Open, Self::Finished]
+            .into_iter()
+            .find(|state| state.as_str() == s)
+    }
+}
+
+/// A JSON document carried inline, or stored in the payload bucket under a
+/// key when it is over the inline limit (the claim check).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Blob {
+    Inline(Value),
+    Stored { key: String },
+}
+
+/// A task as accepted by the API, before it is written.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub id: String,
+    pub account: String,
+    pub kernel: String,
+    pub payload: Blob,
+    pub created_at: DateTime<Utc>,
+    /// Set when the client gave an idempotency key: the task is then written
+    /// only if no task with this id exists.
+    pub idempotency: Option<Idempotency>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Idempotency {
+    pub key: String,
+    /// A digest of the request, to tell a retry from a conflicting reuse.
+    pub request_digest: String,
+}
+
+impl NewTask {
+    /// The shard of the sparse pending index this task is listed under.
+    pub fn pending_shard(&self, shards: u32) -> u32 {
+        pending_shard(&self.id, shards)
+    }
+}
+
+/// Spreads pending tasks over `shards` index partitions (FNV-1a of the id),
+/// so that a burst of ingest does not land on one hot partition.
+pub fn pending_shard(task_id: &str, shards: u32) -> u32 {
+    let hash = task_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    (hash % u64::from(shards.max(1))) as u32
+}
+
+/// What the dispatcher reads from the pending index to queue a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingTask {
+    pub id: String,
+    pub account: String,
+    pub kernel: String,
+    pub payload: Blob,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Task {
+    pub id: String,
+    pub account: String,
+    pub kernel: String,
+    pub status: TaskStatus,
+    pub created_at: DateTime<Utc>,
+    pub run_id: Option<String>,
+    pub payload: Option<Blob>,
+    /// Deliveries that ran the kernel (failed attempts, interrupted ones and
+    /// the one that finished).
+    pub attempts: u32,
+    pub failed_attempts: u32,
+    pub interruptions: u32,
+    pub instance_id: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_ms: Option<u64>,
+    pub result: Option<Blob>,
+    pub summary: Option<String>,
+    pub last_error: Option<String>,
+    /// Digest of the request that created the task under an idempotency key.
+    #[serde(skip)]
+    pub request_digest: Option<String>,
+}
+
+/// A night's run: the tasks it queued, how many ended, the workers it used.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Run {
+    pub id: String,
+    pub state: RunState,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub queued: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub instances: Vec<String>,
+    /// How many fleet requests this run has made; the next request's
+    /// number makes its idempotency token.
+    pub fleet_requests: u32,
+}
+
+impl Run {
+    /// Tasks queued in this run that have not ended yet.
+    pub fn in_flight(&self) -> u64 {
+        self.queued.saturating_sub(self.done + self.failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_stable_and_in_range() {
+        let shard = pending_shard("task-1", 8);
+        assert_eq!(shard, pending_shard("task-1", 8));
+        assert!(shard < 8);
+        let used: std::collections::BTreeSet<u32> = (0..200)
+            .map(|i| pending_shard(&format!("task-{i}"), 8))
+            .collect();
+        assert_eq!(used.len(), 8, "200 ids should reach every shard");
+    }
+
+    #[test]
+    fn status_names_round_trip() {
+        for status in [
+            TaskStatus::Pending,
+            TaskStatus::Queued,
+            TaskStatus::Done,
+            TaskStatus::Failed,
+        ] {
+            assert_eq!(TaskStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(TaskStatus::parse("RUNNING"), None);
+    }
+}

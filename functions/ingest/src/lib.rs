@@ -1,0 +1,62 @@
+//! The HTTP API, as one `axum::Router`: served by `lambda_http` behind API
+//! Gateway, and by `axum::serve` on the local stack.
+//!
+//! | route | does |
+//! |---|---|
+//! | `POST /tasks` | accepts one task or a batch of up to 1,000; 201 with their ids |
+//! | `GET /tasks/{id}` | a task's status, attempts, worker and result |
+//! | `POST /runs` | starts a run now (or returns the open one) and wakes the dispatcher |
+//! | `GET /runs/{id}` | a run's state and counters |
+//! | `GET /runs/{id}/report` | every task of the run: account, worker, attempts, duration, result |
+
+mod error;
+mod report;
+mod tasks;
+mod trigger;
+mod validate;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use nightshift_core::ports::{BlobStore, RunStore, TaskReader, TaskWriter};
+
+pub use error::ApiError;
+pub use trigger::{DispatchTrigger, LambdaTrigger};
+pub use validate::Limits;
+
+/// Everything the handlers use; each port is shared, never rebuilt.
+#[derive(Clone)]
+pub struct Api {
+    pub writer: Arc<dyn TaskWriter>,
+    pub reader: Arc<dyn TaskReader>,
+    pub runs: Arc<dyn RunStore>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub trigger: Arc<dyn DispatchTrigger>,
+    pub limits: Limits,
+    /// Payloads whose JSON is longer go to the bucket (the claim check).
+    pub inline_limit: usize,
+}
+
+/// The request body limit: a full batch of the largest payloads, with room
+/// for the envelope; anything larger is refused before it is read.
+fn body_limit(limits: &Limits) -> usize {
+    limits.max_payload_bytes.saturating_add(1 << 20).max(8 << 20)
+}
+
+pub fn router(api: Api) -> Router {
+    let limit = body_limit(&api.limits);
+    Router::new()
+        .route("/tasks", post(tasks::create))
+        .route("/tasks/{id}", get(tasks::show))
+        .route("/runs", post(report::start_run))
+        .route("/runs/{id}", get(report::show_run))
+        .route("/runs/{id}/report", get(report::run_report))
+        .fallback(|| async { ApiError::new(axum::http::StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(Arc::new(api))
+}
+
+#[cfg(test)]
+mod tests;

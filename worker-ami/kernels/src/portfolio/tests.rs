@@ -1,0 +1,1 @@
+//! Accuracy, property, determinism and resume tests of the whole kernel.
