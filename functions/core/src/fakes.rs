@@ -409,7 +409,11 @@ impl Queue for MemoryQueue {
         Ok(Vec::new())
     }
 
-    async fn receive(&self, max: u32, _wait: Duration) -> Result<Vec<Received>, Error> {
+    async fn receive(&self, max: u32, wait: Duration) -> Result<Vec<Received>, Error> {
+        if self.visible() == 0 {
+            // A long poll on an empty queue waits (briefly, in tests).
+            tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
+        }
         let mut state = lock(&self.state);
         let mut received = Vec::new();
         while received.len() < max as usize {

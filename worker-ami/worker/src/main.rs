@@ -1,1 +1,62 @@
-fn main() {}
+//! The worker daemon: wiring only. Configuration comes from the environment
+//! (on EC2, `/etc/nightshift/worker.env`, written from the user data).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nightshift_core::aws::ec2::Ec2Instances;
+use nightshift_core::aws::s3::S3Blobs;
+use nightshift_core::aws::sqs::SqsQueue;
+use nightshift_core::config;
+use nightshift_kernels::Registry;
+use nightshift_worker::metadata::Imds;
+use nightshift_worker::{Ports, Settings, Worker};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_current_span(false)
+        .with_span_list(true)
+        .init();
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let settings = Settings {
+        slots: config::parsed_or("NIGHTSHIFT_SLOTS", cpus)?.max(1),
+        idle: Duration::from_secs(config::parsed_or("NIGHTSHIFT_IDLE_SECONDS", 120)?),
+        wait: Duration::from_secs(config::parsed_or("NIGHTSHIFT_WAIT_SECONDS", 20)?),
+        inline_limit: config::parsed_or("NIGHTSHIFT_INLINE_LIMIT_BYTES", 200 * 1024)?,
+        spot_poll: Duration::from_millis(config::parsed_or("NIGHTSHIFT_SPOT_POLL_MS", 5000)?),
+    };
+    let aws = aws_config::load_from_env().await;
+    let sqs = nightshift_core::aws::sqs::Client::new(&aws);
+    let ports = Ports {
+        tasks: Arc::new(SqsQueue::new(sqs.clone(), config::required("NIGHTSHIFT_TASK_QUEUE_URL")?)),
+        results: Arc::new(SqsQueue::new(sqs, config::required("NIGHTSHIFT_RESULT_QUEUE_URL")?)),
+        blobs: Arc::new(S3Blobs::new(
+            nightshift_core::aws::s3::Client::new(&aws),
+            config::required("NIGHTSHIFT_BUCKET")?,
+        )),
+        instances: Arc::new(Ec2Instances::new(nightshift_core::aws::ec2::Client::new(&aws))),
+        metadata: Arc::new(Imds::new()),
+    };
+
+    let (stop, stopped) = watch::channel(false);
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("shutdown signal: taking no new work");
+        let _ = stop.send(true);
+    });
+    let exit = Worker::new(ports, Registry::builtin(), settings).run(stopped).await?;
+    tracing::info!(?exit, "exit");
+    Ok(())
+}

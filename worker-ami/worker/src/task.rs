@@ -1,0 +1,184 @@
+//! One delivery of one task: load its payload, run its kernel, report.
+
+use chrono::Utc;
+use nightshift_core::ports::Received;
+use nightshift_core::{AttemptEvent, Blob, Envelope, TaskMessage, TaskOutcome, TaskResult};
+use nightshift_kernels::{Control, KernelError, Outcome};
+use serde_json::Value;
+use tracing::Instrument;
+
+use crate::Context;
+
+pub(crate) async fn process(context: &Context, message: Received, control: Control) {
+    let task = match Envelope::from_json(&message.body) {
+        Ok(Envelope::Task(task)) => task,
+        other => {
+            // Not a task of ours: it can never succeed, so it is removed.
+            tracing::error!(message_id = %message.message_id, parsed = ?other.err(), "unreadable task message; deleting it");
+            context.delete_task.submit(message.receipt).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("task", task_id = %task.task_id, run_id = %task.run_id,
+        instance_id = %context.instance_id, receive_count = message.receive_count);
+    run(context, message, task, control).instrument(span).await;
+}
+
+async fn run(context: &Context, message: Received, task: TaskMessage, control: Control) {
+    let started_at = Utc::now();
+    let attempts = task.prior_attempts + message.receive_count;
+    let outcome = match load_inputs(context, &task).await {
+        Ok((payload, checkpoint)) => run_kernel(context, &task.kernel, payload, checkpoint, control).await,
+        Err(error) => Err(error),
+    };
+    let report = |outcome| {
+        Envelope::Result(TaskResult {
+            task_id: task.task_id.clone(),
+            run_id: task.run_id.clone(),
+            instance_id: context.instance_id.clone(),
+            attempts,
+            started_at,
+            finished_at: Utc::now(),
+            outcome,
+        })
+    };
+    match outcome {
+        Ok(Outcome::Done { result, summary }) => {
+            let result = match store_if_large(context, &task, "result", result).await {
+                Ok(result) => result,
+                Err(error) => return give_up_for_now(context, &message, &task, &error.to_string()).await,
+            };
+            tracing::info!(summary, "task done");
+            finish(context, &message, report(TaskOutcome::Done { result, summary })).await;
+        }
+        Ok(Outcome::Stopped { checkpoint }) => hand_back(context, &message, &task, checkpoint).await,
+        Err(KernelError::Permanent(error)) => {
+            tracing::warn!(error, "task failed for good");
+            finish(context, &message, report(TaskOutcome::Failed { error })).await;
+        }
+        Err(KernelError::Retryable(error)) => give_up_for_now(context, &message, &task, &error).await,
+    }
+}
+
+/// Sends the final result and, only once it is on the result queue,
+/// deletes the task's message. If the send fails the message stays and the
+/// task runs again; the collector records whichever result comes first.
+async fn finish(context: &Context, message: &Received, result: Envelope) {
+    if context.send_result.submit(result.to_json()).await {
+        if !context.delete_task.submit(message.receipt.clone()).await {
+            tracing::warn!("could not delete a finished task's message; a duplicate result may follow");
+        }
+    } else {
+        tracing::warn!("could not send a result; the task will run again");
+    }
+}
+
+/// A failure another attempt may not have: report it, and leave the message
+/// to reappear when its visibility ends (the queue's receive count is the
+/// retry budget; past it the task goes to the dead-letter queue).
+async fn give_up_for_now(context: &Context, message: &Received, task: &TaskMessage, error: &str) {
+    tracing::warn!(error, "attempt failed; the task will be retried");
+    let event = Envelope::AttemptFailed(AttemptEvent {
+        event_id: format!("{}:{}", message.message_id, message.receive_count),
+        task_id: task.task_id.clone(),
+        run_id: task.run_id.clone(),
+        instance_id: context.instance_id.clone(),
+        at: Utc::now(),
+        error: Some(error.to_owned()),
+    });
+    context.send_result.submit(event.to_json()).await;
+}
+
+/// Interruption or shutdown: a continuation message (same task, its
+/// checkpoint, its attempts so far) replaces the one held, so the receive
+/// count, the budget for failures, starts again.
+async fn hand_back(context: &Context, message: &Received, task: &TaskMessage, checkpoint: Option<Vec<u8>>) {
+    let mut continuation = task.clone();
+    continuation.prior_attempts = task.prior_attempts + message.receive_count;
+    if let Some(bytes) = checkpoint {
+        let key = format!("checkpoints/{}/{}.bin", task.task_id, message.message_id);
+        match context.ports.blobs.put(&key, bytes).await {
+            Ok(()) => continuation.checkpoint_key = Some(key),
+            Err(error) => tracing::warn!(%error, "could not save the checkpoint; the task restarts from its last one"),
+        }
+    }
+    let checkpointed = continuation.checkpoint_key.is_some();
+    if !context.send_task.submit(Envelope::Task(continuation).to_json()).await {
+        // Without a continuation the held message must stay: released, it
+        // comes back at once (at the cost of one receive).
+        tracing::warn!("could not send a continuation; releasing the message instead");
+        if let Err(error) = context
+            .ports
+            .tasks
+            .change_visibility_batch(std::slice::from_ref(&message.receipt), std::time::Duration::ZERO)
+            .await
+        {
+            tracing::warn!(%error, "could not release the message; it reappears after its timeout");
+        }
+        return;
+    }
+    context.delete_task.submit(message.receipt.clone()).await;
+    let event = Envelope::Interrupted(AttemptEvent {
+        event_id: format!("{}:{}", message.message_id, message.receive_count),
+        task_id: task.task_id.clone(),
+        run_id: task.run_id.clone(),
+        instance_id: context.instance_id.clone(),
+        at: Utc::now(),
+        error: None,
+    });
+    context.send_result.submit(event.to_json()).await;
+    tracing::info!(checkpointed, "task handed back");
+}
+
+async fn load_inputs(context: &Context, task: &TaskMessage) -> Result<(Value, Option<Vec<u8>>), KernelError> {
+    let payload = match &task.payload {
+        Blob::Inline(value) => value.clone(),
+        Blob::Stored { key } => {
+            let bytes = context
+                .ports
+                .blobs
+                .get(key)
+                .await
+                .map_err(|e| KernelError::Retryable(format!("could not read payload {key}: {e}")))?;
+            serde_json::from_slice(&bytes).map_err(|e| KernelError::Permanent(format!("payload {key} is not JSON: {e}")))?
+        }
+    };
+    let checkpoint = match &task.checkpoint_key {
+        Some(key) => Some(
+            context
+                .ports
+                .blobs
+                .get(key)
+                .await
+                .map_err(|e| KernelError::Retryable(format!("could not read checkpoint {key}: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok((payload, checkpoint))
+}
+
+async fn run_kernel(
+    context: &Context,
+    name: &str,
+    payload: Value,
+    checkpoint: Option<Vec<u8>>,
+    control: Control,
+) -> Result<Outcome, KernelError> {
+    let kernel = context
+        .registry
+        .get(name)
+        .ok_or_else(|| KernelError::Permanent(format!("this worker has no kernel `{name}`")))?;
+    tokio::task::spawn_blocking(move || kernel.run(&payload, checkpoint.as_deref(), &control))
+        .await
+        .unwrap_or_else(|panic| Err(KernelError::Retryable(format!("kernel panicked: {panic}"))))
+}
+
+async fn store_if_large(context: &Context, task: &TaskMessage, what: &str, value: Value) -> Result<Blob, nightshift_core::Error> {
+    let text = value.to_string();
+    if text.len() <= context.settings.inline_limit {
+        return Ok(Blob::Inline(value));
+    }
+    let key = format!("{what}s/{}.json", task.task_id);
+    context.ports.blobs.put(&key, text.into_bytes()).await?;
+    Ok(Blob::Stored { key })
+}
