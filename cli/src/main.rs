@@ -1,1 +1,327 @@
-fn main() {}
+//! `nightshift`: operator commands, and `nightshift local`, the whole system
+//! on one machine.
+
+mod client;
+mod local;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Local(String),
+    #[error("{path}: {source}")]
+    Io { path: String, #[source] source: std::io::Error },
+    #[error("{operation} failed: {detail}")]
+    Aws { operation: &'static str, detail: String },
+    #[error(transparent)]
+    Template(#[from] local::template::TemplateError),
+    #[error("the API answered {status}: {body}")]
+    Api { status: u16, body: String },
+    #[error("cannot reach the API at {url}: {source}")]
+    Http { url: String, #[source] source: reqwest::Error },
+    #[error("invalid argument: {0}")]
+    Usage(String),
+}
+
+impl CliError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io { path: path.display().to_string(), source }
+    }
+
+    pub fn aws(operation: &'static str, error: impl std::error::Error) -> Self {
+        let mut detail = error.to_string();
+        let mut source = error.source();
+        while let Some(inner) = source {
+            detail = format!("{detail}: {inner}");
+            source = inner.source();
+        }
+        Self::Aws { operation, detail }
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "nightshift", version, about = "Overnight batch computing on spot instances")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The whole system on this machine, against an AWS emulator.
+    Local {
+        #[command(subcommand)]
+        command: LocalCommand,
+    },
+    /// Submits test accounts, starts a run, follows it and prints its report.
+    Demo {
+        #[arg(long, default_value_t = 50)]
+        accounts: usize,
+        /// Kernel for every account (default: the portfolio-risk kernel).
+        #[arg(long)]
+        kernel: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Give up following the run after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// Runs: start one now, or read one.
+    Run {
+        #[command(subcommand)]
+        command: RunCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RunCommand {
+    /// Starts a run now (or shows the open one).
+    Start {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// A run's state and counters.
+    Status {
+        run_id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The morning report of a run.
+    Report {
+        run_id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// The API's base URL (default: NIGHTSHIFT_API_URL, else the local stack's).
+    #[arg(long, env = "NIGHTSHIFT_API_URL")]
+    api: Option<String>,
+    #[arg(long, default_value = ".nightshift", env = "NIGHTSHIFT_STATE_DIR")]
+    state_dir: PathBuf,
+}
+
+impl ApiArgs {
+    fn url(&self) -> Result<String, CliError> {
+        if let Some(url) = &self.api {
+            return Ok(url.trim_end_matches('/').to_owned());
+        }
+        let env = local::read_env_file(&self.state_dir.join(local::ENV_FILE)).map_err(|_| {
+            CliError::Usage("no --api given and no local stack is up (`nightshift local up`)".into())
+        })?;
+        env.get("NIGHTSHIFT_API_URL")
+            .cloned()
+            .ok_or_else(|| CliError::Usage("the local stack's env file has no NIGHTSHIFT_API_URL".into()))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum LocalCommand {
+    /// Starts the local stack in the background and waits until it is ready.
+    Up {
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Use an emulator that is already running at this URL.
+        #[arg(long)]
+        aws_endpoint: Option<String>,
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
+    /// Stops the local stack.
+    Down {
+        #[arg(long, default_value = ".nightshift")]
+        state_dir: PathBuf,
+    },
+    /// Whether the local stack is up, and where.
+    Status {
+        #[arg(long, default_value = ".nightshift")]
+        state_dir: PathBuf,
+    },
+    /// Announces a spot interruption to one emulated instance.
+    Interrupt {
+        instance_id: String,
+        #[arg(long, default_value = ".nightshift")]
+        state_dir: PathBuf,
+    },
+    /// Runs the local stack in the foreground (what `up` starts).
+    #[command(hide = true)]
+    Serve {
+        #[command(flatten)]
+        stack: StackArgs,
+        #[arg(long)]
+        emulator_port: Option<u16>,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct StackArgs {
+    #[arg(long, default_value = ".nightshift")]
+    state_dir: PathBuf,
+    #[arg(long, default_value = "template.yaml")]
+    template: PathBuf,
+    #[arg(long, default_value = "nightshift-local")]
+    stack_name: String,
+    /// The emulator's server program (moto's).
+    #[arg(long, default_value = ".venv/bin/moto_server", env = "NIGHTSHIFT_EMULATOR")]
+    emulator_bin: PathBuf,
+    /// Port of the API (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    api_port: u16,
+    /// Template parameter overrides, KEY=VALUE.
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    params: Vec<String>,
+    /// Seconds between scheduled dispatcher passes.
+    #[arg(long, default_value_t = 3.0)]
+    dispatch_every: f64,
+    /// The worker program (default: next to this one).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+}
+
+impl StackArgs {
+    /// The same arguments, for the background `serve` that `up` starts.
+    fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--template".to_owned(),
+            absolute(&self.template).display().to_string(),
+            "--stack-name".to_owned(),
+            self.stack_name.clone(),
+            "--emulator-bin".to_owned(),
+            absolute(&self.emulator_bin).display().to_string(),
+            "--api-port".to_owned(),
+            self.api_port.to_string(),
+            "--dispatch-every".to_owned(),
+            self.dispatch_every.to_string(),
+        ];
+        for param in &self.params {
+            args.extend(["--param".to_owned(), param.clone()]);
+        }
+        if let Some(worker) = &self.worker_bin {
+            args.extend(["--worker-bin".to_owned(), absolute(worker).display().to_string()]);
+        }
+        args
+    }
+
+    fn serve_options(&self, emulator_port: Option<u16>) -> Result<local::serve::ServeOptions, CliError> {
+        let parameters = self
+            .params
+            .iter()
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .ok_or_else(|| CliError::Usage(format!("--param {p}: expected KEY=VALUE")))
+            })
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        if !(self.dispatch_every.is_finite() && self.dispatch_every > 0.0) {
+            return Err(CliError::Usage("--dispatch-every must be a positive number of seconds".into()));
+        }
+        let worker_bin = match &self.worker_bin {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| CliError::io(Path::new("current_exe"), e))?
+                .with_file_name("nightshift-worker"),
+        };
+        Ok(local::serve::ServeOptions {
+            state_dir: self.state_dir.clone(),
+            template: self.template.clone(),
+            stack_name: self.stack_name.clone(),
+            emulator_port,
+            emulator_bin: self.emulator_bin.clone(),
+            api_port: self.api_port,
+            parameters,
+            dispatch_every: Duration::from_secs_f64(self.dispatch_every),
+            worker_bin,
+        })
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Local { command: LocalCommand::Serve { .. } });
+    init_logging(quiet);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// JSON lines for the background stack; plain warnings for commands.
+fn init_logging(serving: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| if serving { "info".into() } else { "warn".into() });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if serving {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn execute(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Local { command } => execute_local(command).await,
+        Command::Demo { accounts, kernel, api, timeout } => {
+            client::demo(&api.url()?, accounts, kernel.as_deref(), Duration::from_secs(timeout)).await
+        }
+        Command::Run { command } => match command {
+            RunCommand::Start { api } => client::start_run(&api.url()?).await,
+            RunCommand::Status { run_id, api } => client::show_run(&api.url()?, &run_id).await,
+            RunCommand::Report { run_id, api } => client::print_report(&api.url()?, &run_id).await,
+        },
+    }
+}
+
+async fn execute_local(command: LocalCommand) -> Result<(), CliError> {
+    match command {
+        LocalCommand::Up { stack, aws_endpoint, timeout } => {
+            stack.serve_options(None)?;
+            let options = local::UpOptions {
+                state_dir: stack.state_dir.clone(),
+                aws_endpoint,
+                serve_args: stack.to_args(),
+                timeout: Duration::from_secs(timeout),
+            };
+            let env = tokio::task::spawn_blocking(move || local::up(&options))
+                .await
+                .map_err(|e| CliError::Local(e.to_string()))??;
+            println!("local stack up: {}", stack.state_dir.join(local::ENV_FILE).display());
+            for (key, value) in env {
+                println!("  {key}={value}");
+            }
+            Ok(())
+        }
+        LocalCommand::Down { state_dir } => {
+            if local::down(&state_dir)? {
+                println!("local stack stopped");
+            } else {
+                println!("no local stack was running");
+            }
+            Ok(())
+        }
+        LocalCommand::Status { state_dir } => client::local_status(&state_dir).await,
+        LocalCommand::Interrupt { instance_id, state_dir } => client::interrupt(&state_dir, &instance_id).await,
+        LocalCommand::Serve { stack, emulator_port } => local::serve::serve(stack.serve_options(emulator_port)?).await,
+    }
+}

@@ -1,0 +1,52 @@
+//! Feeds the collector the way an SQS event source mapping does: polls the
+//! queue, hands over batches of the configured size, deletes what the
+//! collector settled and leaves the reported failures to reappear.
+
+use std::time::Duration;
+
+use nightshift_collector::{Incoming, collect};
+use nightshift_core::aws::dynamodb::DynamoStore;
+use nightshift_core::aws::sqs::SqsQueue;
+use nightshift_core::ports::Queue;
+
+use super::template::SqsSource;
+
+pub async fn run(queue: SqsQueue, source: SqsSource, store: DynamoStore, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let wait = Duration::from_secs(source.batching_window_seconds.max(1));
+    loop {
+        let received = tokio::select! {
+            received = queue.receive(source.batch_size, wait) => received,
+            _ = stop.changed() => return,
+        };
+        let messages = match received {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(queue = %source.queue, %error, "poll failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if messages.is_empty() {
+            continue;
+        }
+        let incoming: Vec<Incoming> = messages
+            .iter()
+            .map(|m| Incoming { message_id: m.message_id.clone(), body: m.body.clone() })
+            .collect();
+        let failed = collect(&store, &incoming).await;
+        // Without ReportBatchItemFailures a failure returns the whole batch.
+        if !source.report_batch_item_failures && !failed.is_empty() {
+            continue;
+        }
+        let settled: Vec<String> = messages
+            .iter()
+            .filter(|m| !failed.contains(&m.message_id))
+            .map(|m| m.receipt.clone())
+            .collect();
+        for chunk in settled.chunks(10) {
+            if let Err(error) = queue.delete_batch(chunk).await {
+                tracing::warn!(queue = %source.queue, %error, "delete failed; the messages come back and are settled again");
+            }
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! template.yaml, read for the local stack: the resources that are not
+//! functions become a CloudFormation stack in the emulator, and the
+//! collector's event sources tell the local feeder how to poll.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value, json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, #[source] source: std::io::Error },
+    #[error("template is not valid YAML: {0}")]
+    Yaml(#[from] serde_norway::Error),
+    #[error("template has no {0}")]
+    Missing(String),
+}
+
+/// The template as JSON, with YAML short tags (`!Ref`, `!Sub`, ...) in
+/// their long form.
+#[derive(Debug, Clone)]
+pub struct Template {
+    document: Value,
+}
+
+/// How an SQS event source feeds a function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqsSource {
+    /// Logical id of the queue resource.
+    pub queue: String,
+    pub batch_size: u32,
+    pub batching_window_seconds: u64,
+    pub report_batch_item_failures: bool,
+}
+
+impl Template {
+    pub fn load(path: &std::path::Path) -> Result<Self, TemplateError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TemplateError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, TemplateError> {
+        let yaml: serde_norway::Value = serde_norway::from_str(text)?;
+        Ok(Self { document: long_form(yaml) })
+    }
+
+    fn resources(&self) -> Result<&Map<String, Value>, TemplateError> {
+        self.document["Resources"]
+            .as_object()
+            .ok_or_else(|| TemplateError::Missing("Resources".into()))
+    }
+
+    /// Parameter defaults, as strings.
+    pub fn parameter_defaults(&self) -> BTreeMap<String, String> {
+        let Some(parameters) = self.document["Parameters"].as_object() else {
+            return BTreeMap::new();
+        };
+        parameters
+            .iter()
+            .filter_map(|(name, spec)| {
+                let default = match &spec["Default"] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => return None,
+                    other => other.to_string(),
+                };
+                Some((name.clone(), default))
+            })
+            .collect()
+    }
+
+    /// The template without its functions: SAM and Lambda resources, and
+    /// everything that refers to them, are set aside.
+    pub fn without_functions(&self) -> Result<Value, TemplateError> {
+        let resources = self.resources()?;
+        let mut removed: BTreeSet<String> = resources
+            .iter()
+            .filter(|(_, r)| {
+                let kind = r["Type"].as_str().unwrap_or_default();
+                kind.starts_with("AWS::Serverless::") || kind.starts_with("AWS::Lambda::")
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        // Anything that refers to a removed resource goes too, until stable.
+        loop {
+            let more: Vec<String> = resources
+                .iter()
+                .filter(|(name, r)| !removed.contains(*name) && refers_to_any(r, &removed))
+                .map(|(name, _)| name.clone())
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            removed.extend(more);
+        }
+        let mut document = self.document.clone();
+        if let Some(object) = document.as_object_mut() {
+            object.remove("Transform");
+            object.remove("Globals");
+        }
+        if let Some(resources) = document["Resources"].as_object_mut() {
+            resources.retain(|name, _| !removed.contains(name));
+        }
+        if let Some(outputs) = document["Outputs"].as_object_mut() {
+            outputs.retain(|_, output| !refers_to_any(output, &removed));
+        }
+        Ok(document)
+    }
+
+    /// The SQS event sources of a function, as the template declares them.
+    pub fn sqs_sources(&self, function: &str) -> Result<Vec<SqsSource>, TemplateError> {
+        let function = self
+            .resources()?
+            .get(function)
+            .ok_or_else(|| TemplateError::Missing(function.to_owned()))?;
+        let Some(events) = function["Properties"]["Events"].as_object() else {
+            return Ok(Vec::new());
+        };
+        Ok(events
+            .values()
+            .filter(|event| event["Type"] == "SQS")
+            .filter_map(|event| {
+                let properties = &event["Properties"];
+                let queue = referenced_resource(&properties["Queue"])?;
+                Some(SqsSource {
+                    queue,
+                    batch_size: properties["BatchSize"].as_u64().unwrap_or(10) as u32,
+                    batching_window_seconds: properties["MaximumBatchingWindowInSeconds"].as_u64().unwrap_or(0),
+                    report_batch_item_failures: properties["FunctionResponseTypes"]
+                        .as_array()
+                        .is_some_and(|types| types.iter().any(|t| t == "ReportBatchItemFailures")),
+                })
+            })
+            .collect())
+    }
+}
+
+/// `!GetAtt Queue.Arn` or `!Ref Queue`: the resource's logical id.
+fn referenced_resource(value: &Value) -> Option<String> {
+    if let Some(name) = value["Ref"].as_str() {
+        return Some(name.to_owned());
+    }
+    value["Fn::GetAtt"][0].as_str().map(str::to_owned)
+}
+
+/// Converts YAML to JSON, turning `!Tag x` into `{"Fn::Tag": x}` (and
+/// `!Ref`, `!Condition`, `!GetAtt a.b` into their own long forms).
+fn long_form(value: serde_norway::Value) -> Value {
+    use serde_norway::Value as Y;
+    match value {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(b),
+        Y::Number(n) => serde_json::to_value(n).unwrap_or(Value::Null),
+        Y::String(s) => Value::String(s),
+        Y::Sequence(items) => Value::Array(items.into_iter().map(long_form).collect()),
+        Y::Mapping(mapping) => Value::Object(
+            mapping
+                .into_iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Y::String(s) => s,
+                        other => serde_norway::to_string(&other).unwrap_or_default().trim().to_owned(),
+                    };
+                    (key, long_form(v))
+                })
+                .collect(),
+        ),
+        Y::Tagged(tagged) => {
+            let tag = tagged.tag.to_string();
+            let tag = tag.trim_start_matches('!');
+            let inner = long_form(tagged.value);
+            match tag {
+                "Ref" => json!({ "Ref": inner }),
+                "Condition" => json!({ "Condition": inner }),
+                "GetAtt" => match inner {
+                    Value::String(s) => {
+                        let (resource, attribute) = s.split_once('.').unwrap_or((s.as_str(), ""));
+                        json!({ "Fn::GetAtt": [resource, attribute] })
+                    }
+                    other => json!({ "Fn::GetAtt": other }),
+                },
+                other => json!({ format!("Fn::{other}"): inner }),
+            }
+        }
+    }
+}
+
+/// Whether `value` refers (Ref, GetAtt, Sub, DependsOn) to any of `names`.
+fn refers_to_any(value: &Value, names: &BTreeSet<String>) -> bool {
+    match value {
+        Value::Object(object) => object.iter().any(|(key, inner)| {
+            let direct = match key.as_str() {
+                "Ref" => inner.as_str().is_some_and(|n| names.contains(n)),
+                "Fn::GetAtt" => inner[0].as_str().is_some_and(|n| names.contains(n)),
+                "DependsOn" => match inner {
+                    Value::String(n) => names.contains(n),
+                    Value::Array(list) => list.iter().any(|n| n.as_str().is_some_and(|n| names.contains(n))),
+                    _ => false,
+                },
+                "Fn::Sub" => {
+                    let text = match inner {
+                        Value::String(s) => s.as_str(),
+                        Value::Array(parts) => parts.first().and_then(Value::as_str).unwrap_or_default(),
+                        _ => "",
+                    };
+                    sub_references(text).iter().any(|n| names.contains(n))
+                }
+                _ => false,
+            };
+            direct || refers_to_any(inner, names)
+        }),
+        Value::Array(items) => items.iter().any(|item| refers_to_any(item, names)),
+        _ => false,
+    }
+}
+
+/// The resource names in a `Fn::Sub` string: `${Name}` and `${Name.Attr}`.
+fn sub_references(text: &str) -> Vec<String> {
+    text.split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}'))
+        .map(|(inner, _)| inner.split('.').next().unwrap_or(inner).to_owned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEMPLATE: &str = r#"
+Transform: AWS::Serverless-2016-10-31
+Parameters:
+  Size: { Type: Number, Default: 3 }
+  Types: { Type: CommaDelimitedList, Default: "a,b" }
+Globals:
+  Function: { Runtime: provided.al2023 }
+Resources:
+  Queue:
+    Type: AWS::SQS::Queue
+  Role:
+    Type: AWS::IAM::Role
+    Properties:
+      Policies: [{ Resource: !GetAtt Queue.Arn }]
+  Fn:
+    Type: AWS::Serverless::Function
+    Properties:
+      Events:
+        Results:
+          Type: SQS
+          Properties:
+            Queue: !GetAtt Queue.Arn
+            BatchSize: 7
+            FunctionResponseTypes: [ReportBatchItemFailures]
+  Alarm:
+    Type: AWS::CloudWatch::Alarm
+    Properties:
+      AlarmName: !Sub "${Fn}-errors"
+Outputs:
+  QueueUrl: { Value: !Ref Queue }
+  FnName: { Value: !Ref Fn }
+"#;
+
+    #[test]
+    fn functions_and_what_refers_to_them_are_set_aside() {
+        let template = Template::parse(TEMPLATE).unwrap();
+        let stack = template.without_functions().unwrap();
+        let resources: Vec<&String> = stack["Resources"].as_object().unwrap().keys().collect();
+        assert_eq!(resources, vec!["Queue", "Role"]);
+        assert_eq!(stack["Resources"]["Role"]["Properties"]["Policies"][0]["Resource"], json!({"Fn::GetAtt": ["Queue", "Arn"]}));
+        assert_eq!(stack["Outputs"], json!({"QueueUrl": {"Value": {"Ref": "Queue"}}}));
+        assert!(stack.get("Transform").is_none() && stack.get("Globals").is_none());
+    }
+
+    #[test]
+    fn event_sources_and_defaults_come_from_the_template() {
+        let template = Template::parse(TEMPLATE).unwrap();
+        assert_eq!(
+            template.sqs_sources("Fn").unwrap(),
+            vec![SqsSource { queue: "Queue".into(), batch_size: 7, batching_window_seconds: 0, report_batch_item_failures: true }]
+        );
+        let defaults = template.parameter_defaults();
+        assert_eq!((defaults["Size"].as_str(), defaults["Types"].as_str()), ("3", "a,b"));
+    }
+
+    #[test]
+    fn the_real_template_keeps_its_data_resources() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+        let template = Template::load(&path).unwrap();
+        let stack = template.without_functions().unwrap();
+        for name in ["TasksTable", "TaskQueue", "TaskDeadLetterQueue", "ResultQueue", "PayloadBucket", "WorkerLaunchTemplate"] {
+            assert!(stack["Resources"].get(name).is_some(), "{name} is kept");
+        }
+        let sources = template.sqs_sources("CollectorFunction").unwrap();
+        assert!(sources.iter().all(|s| s.report_batch_item_failures));
+        assert_eq!(sources.len(), 2);
+    }
+}
