@@ -1,0 +1,204 @@
+//! End-to-end: the real binaries against the emulator, one local stack per
+//! test. Run with `--test-threads=1` (each stack runs its own workers).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use nightshift_core::{Blob, Envelope, TaskOutcome, TaskResult};
+use nightshift_e2e::Stack;
+use serde_json::{Value, json};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn sleep_task(account: &str, seconds: f64) -> Value {
+    json!({ "account": account, "kernel": "sleep", "payload": { "seconds": seconds } })
+}
+
+/// The demo path: accounts in, a run, every task DONE exactly once on the
+/// spot workers, both queues empty and every instance terminated. Two of
+/// the tasks carry a payload and a result over the inline limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_night_runs_every_task_once_and_leaves_nothing_behind() {
+    let stack = Stack::start(&[]).await;
+    let mut tasks: Vec<Value> = (0..16)
+        .map(|i| {
+            let account = format!("acct-{i:02}");
+            json!({
+                "account": account,
+                "kernel": "portfolio-risk",
+                "payload": nightshift_kernels_demo(&account, i),
+            })
+        })
+        .collect();
+    let big_data = "x".repeat(3 << 20);
+    tasks.push(json!({ "account": "big-in", "kernel": "sleep",
+        "payload": { "seconds": 0.1, "data": big_data, "result_bytes": 1 << 20 } }));
+    let ids = stack.submit(&tasks).await;
+    let run_id = stack.start_run().await;
+    let report = stack.finish(&run_id, RUN_TIMEOUT).await;
+
+    let lines = report["tasks"].as_array().unwrap();
+    assert_eq!(lines.len(), ids.len(), "the report lists every task");
+    for line in lines {
+        assert_eq!(line["status"], "DONE", "{line}");
+        assert!(line["instance_id"].as_str().unwrap().starts_with("i-"), "{line}");
+        assert_eq!(line["attempts"], 1, "{line}");
+        assert!(line["duration_ms"].as_u64().is_some(), "{line}");
+    }
+    let run = &report["run"];
+    assert_eq!((run["queued"].as_u64(), run["done"].as_u64(), run["failed"].as_u64()), (Some(17), Some(17), Some(0)));
+    let workers: BTreeSet<&str> = lines.iter().filter_map(|l| l["instance_id"].as_str()).collect();
+    assert!(workers.len() > 1, "several workers shared the night: {workers:?}");
+
+    // The large payload and result travelled through the bucket.
+    let big_id = &ids[16];
+    let (_, task) = stack.request("GET", &format!("/tasks/{big_id}"), None).await;
+    assert!(task["payload"]["stored"]["key"].is_string(), "{}", task["payload"]);
+    assert!(task["result"]["stored"]["key"].is_string(), "{}", task["result"]);
+
+    for queue in ["NIGHTSHIFT_TASK_QUEUE_URL", "NIGHTSHIFT_RESULT_QUEUE_URL", "NIGHTSHIFT_TASK_DLQ_URL"] {
+        assert_eq!(stack.queue_depth(queue).await, 0, "{queue} is empty");
+    }
+    stack
+        .eventually("every instance terminated", Duration::from_secs(60), || async {
+            let instances = stack.instances().await;
+            !instances.is_empty() && instances.values().all(|state| state == "terminated")
+        })
+        .await;
+}
+
+fn nightshift_kernels_demo(account: &str, seed: u64) -> Value {
+    // The demo's own portfolio generator, through the CLI's dependency.
+    nightshift_kernels::portfolio::demo_payload(account, seed)
+}
+
+/// A worker killed with SIGKILL mid-task: its task comes back after the
+/// visibility timeout, another worker runs it, and it is recorded once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_loses_no_task() {
+    let stack = Stack::start(&[("TaskVisibilityTimeout", "6"), ("SlotsPerInstance", "1"), ("MaxInstances", "3")]).await;
+    let tasks: Vec<Value> = (0..4).map(|i| sleep_task(&format!("acct-{i}"), 3.0)).collect();
+    let ids = stack.submit(&tasks).await;
+    let run_id = stack.start_run().await;
+
+    // Find a worker that has started a task, and kill it.
+    let dir = stack.workers_dir();
+    stack
+        .eventually("a worker starts a task", Duration::from_secs(60), || {
+            let found = started_task(&dir).is_some();
+            async move { found }
+        })
+        .await;
+    let (instance_id, task_id) = started_task(&dir).unwrap();
+    let pid: i32 = std::fs::read_to_string(stack.workers_dir().join(format!("{instance_id}.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let report = stack.finish(&run_id, RUN_TIMEOUT).await;
+    let run = &report["run"];
+    assert_eq!((run["done"].as_u64(), run["failed"].as_u64()), (Some(ids.len() as u64), Some(0)));
+    let line = report["tasks"].as_array().unwrap().iter().find(|l| l["task_id"] == task_id.as_str()).unwrap();
+    assert_eq!(line["status"], "DONE");
+    assert_ne!(line["instance_id"].as_str(), Some(instance_id.as_str()), "another worker finished it");
+    assert_eq!(line["attempts"], 2, "the second delivery ran it: {line}");
+}
+
+/// (instance id, task id) of the first task a worker logged as started.
+fn started_task(dir: &std::path::Path) -> Option<(String, String)> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).ok()?;
+        for line in text.lines() {
+            let Ok(record) = serde_json::from_str::<Value>(line) else { continue };
+            if record["fields"]["message"] == "task started" {
+                let task_id = record["spans"].as_array()?.iter().find_map(|s| s["task_id"].as_str())?;
+                let instance = path.file_stem()?.to_str()?.to_owned();
+                return Some((instance, task_id.to_owned()));
+            }
+        }
+    }
+    None
+}
+
+/// A result delivered again, even claiming another worker, changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_result_delivered_twice_is_recorded_once() {
+    let stack = Stack::start(&[]).await;
+    let ids = stack.submit(&[sleep_task("a", 0.1), sleep_task("b", 0.1), sleep_task("c", 0.1)]).await;
+    let run_id = stack.start_run().await;
+    let before = stack.finish(&run_id, RUN_TIMEOUT).await;
+    let (_, task) = stack.request("GET", &format!("/tasks/{}", ids[0]), None).await;
+
+    let duplicate = Envelope::Result(TaskResult {
+        task_id: ids[0].clone(),
+        run_id: run_id.clone(),
+        instance_id: "i-0duplicate".into(),
+        attempts: 1,
+        started_at: Utc::now(),
+        finished_at: Utc::now(),
+        outcome: TaskOutcome::Done { result: Blob::Inline(json!({"other": true})), summary: "duplicate".into() },
+    });
+    for _ in 0..2 {
+        stack
+            .sqs
+            .send_message()
+            .queue_url(&stack.env["NIGHTSHIFT_RESULT_QUEUE_URL"])
+            .message_body(duplicate.to_json())
+            .send()
+            .await
+            .unwrap();
+    }
+    stack
+        .eventually("the collector consumed the duplicates", Duration::from_secs(60), || async {
+            stack.queue_depth("NIGHTSHIFT_RESULT_QUEUE_URL").await == 0
+        })
+        .await;
+    let (_, after_task) = stack.request("GET", &format!("/tasks/{}", ids[0]), None).await;
+    assert_eq!(after_task, task, "the task is as first recorded");
+    let (_, run) = stack.request("GET", &format!("/runs/{run_id}"), None).await;
+    assert_eq!(run["done"], before["run"]["done"]);
+    assert_eq!(run["done"], 3);
+    assert_eq!(stack.queue_depth("NIGHTSHIFT_RESULT_DLQ_URL").await, 0);
+}
+
+/// Bad input to each endpoint: the documented 4xx with a JSON error naming
+/// the field, and nothing in the table.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_refused_and_nothing_is_written() {
+    let stack = Stack::start(&[("MaxPayloadBytes", "1048576")]).await;
+    let too_many = json!({ "tasks": vec![sleep_task("a", 0.0); 1001] }).to_string();
+    let too_big = json!({ "account": "a", "kernel": "sleep", "payload": { "seconds": 0, "data": "x".repeat(1_100_000) } }).to_string();
+    let cases: Vec<(&str, &str, Option<&str>, u16, &str, Option<&str>)> = vec![
+        ("POST", "/tasks", Some("{\"account\": "), 400, "malformed_json", None),
+        ("POST", "/tasks", Some("[1, 2]"), 422, "invalid_type", Some("")),
+        ("POST", "/tasks", Some(r#"{"payload": {}}"#), 422, "missing_field", Some("account")),
+        ("POST", "/tasks", Some(r#"{"account": 5, "payload": {}}"#), 422, "invalid_type", Some("account")),
+        ("POST", "/tasks", Some(r#"{"account": "a", "payload": {}, "kernel": "bash"}"#), 422, "unknown_kernel", Some("kernel")),
+        ("POST", "/tasks", Some(r#"{"tasks": []}"#), 422, "empty_batch", Some("tasks")),
+        ("POST", "/tasks", Some(r#"{"tasks": [{"account": "a", "payload": 1}, {"account": "b"}]}"#), 422, "missing_field", Some("tasks[1].payload")),
+        ("POST", "/tasks", Some(too_many.as_str()), 413, "batch_too_large", Some("tasks")),
+        ("POST", "/tasks", Some(too_big.as_str()), 413, "payload_too_large", Some("payload")),
+        ("GET", "/tasks/no-such-task", None, 404, "not_found", Some("id")),
+        ("GET", "/runs/no-such-run", None, 404, "not_found", Some("id")),
+        ("GET", "/runs/no-such-run/report", None, 404, "not_found", Some("id")),
+    ];
+    for (method, path, body, status, code, field) in cases {
+        let (got, answer) = stack.request(method, path, body).await;
+        let shown = body.map(|b| &b[..b.len().min(60)]);
+        assert_eq!(got, status, "{method} {path} {shown:?}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{method} {path} {shown:?}");
+        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if let Some(field) = field {
+            assert_eq!(answer["error"]["field"], field, "{method} {path} {shown:?}");
+        }
+    }
+    let scan = stack.dynamodb.scan().table_name(&stack.env["NIGHTSHIFT_TABLE"]).send().await.unwrap();
+    assert_eq!(scan.count(), 0, "the table holds nothing: {:?}", scan.items());
+}

@@ -1,0 +1,204 @@
+//! A local stack per test: `nightshift local serve` on its own emulator,
+//! state directory and ports, stopped when the test ends.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use serde_json::Value;
+
+pub struct Stack {
+    pub env: BTreeMap<String, String>,
+    pub dir: tempfile::TempDir,
+    serve: Child,
+    pub sqs: aws_sdk_sqs::Client,
+    pub ec2: aws_sdk_ec2::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    http: reqwest::Client,
+}
+
+/// The workspace's built programs sit next to the test's own directory.
+fn program(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target directory").join(name)
+}
+
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+impl Stack {
+    /// Starts a stack with these template parameter overrides.
+    pub async fn start(parameters: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("state directory");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let nightshift = program("nightshift");
+        assert!(nightshift.exists(), "build the programs first: cargo build --workspace --bins ({nightshift:?})");
+        let mut command = Command::new(nightshift);
+        command
+            .args(["local", "serve", "--dispatch-every", "1", "--emulator-port", &port.to_string()])
+            .arg("--state-dir")
+            .arg(dir.path())
+            .arg("--template")
+            .arg(repository().join("template.yaml"))
+            .arg("--emulator-bin")
+            .arg(repository().join(".venv/bin/moto_server"))
+            .env("AWS_ENDPOINT_URL", &endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap());
+        for (key, value) in parameters {
+            command.arg("--param").arg(format!("{key}={value}"));
+        }
+        let serve = command.spawn().expect("start the local stack");
+        let env_file = dir.path().join("local.env");
+        let started = Instant::now();
+        while !env_file.exists() {
+            assert!(started.elapsed() < Duration::from_secs(120), "stack not ready:\n{}", log_tail(&dir.path().join("serve.log")));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let env: BTreeMap<String, String> = std::fs::read_to_string(&env_file)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "e2e"))
+            .load()
+            .await;
+        Self {
+            env,
+            serve,
+            sqs: aws_sdk_sqs::Client::new(&aws),
+            ec2: aws_sdk_ec2::Client::new(&aws),
+            dynamodb: aws_sdk_dynamodb::Client::new(&aws),
+            http: reqwest::Client::new(),
+            dir,
+        }
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("{}{path}", self.env["NIGHTSHIFT_API_URL"])
+    }
+
+    /// Sends a request; returns the status and the JSON body.
+    pub async fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method, self.api(path));
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body.to_owned());
+        }
+        let response = request.send().await.expect("API reachable");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn submit(&self, tasks: &[Value]) -> Vec<String> {
+        let body = serde_json::json!({ "tasks": tasks }).to_string();
+        let (status, answer) = self.request("POST", "/tasks", Some(&body)).await;
+        assert_eq!(status, 201, "{answer}");
+        answer["task_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+    }
+
+    pub async fn start_run(&self) -> String {
+        let (status, answer) = self.request("POST", "/runs", None).await;
+        assert!(status == 201 || status == 200, "{answer}");
+        answer["run"]["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until the run is FINISHED; returns its report.
+    pub async fn finish(&self, run_id: &str, timeout: Duration) -> Value {
+        let started = Instant::now();
+        loop {
+            let (_, run) = self.request("GET", &format!("/runs/{run_id}"), None).await;
+            if run["state"] == "FINISHED" {
+                return self.request("GET", &format!("/runs/{run_id}/report"), None).await.1;
+            }
+            assert!(started.elapsed() < timeout, "run not finished in {timeout:?}: {run}\n{}", self.serve_log());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Visible plus in-flight messages.
+    pub async fn queue_depth(&self, url_key: &str) -> u64 {
+        let attributes = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&self.env[url_key])
+            .attribute_names(QueueAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        let attributes = attributes.attributes().unwrap();
+        [QueueAttributeName::ApproximateNumberOfMessages, QueueAttributeName::ApproximateNumberOfMessagesNotVisible]
+            .iter()
+            .map(|name| attributes.get(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Instances in each state, by id.
+    pub async fn instances(&self) -> BTreeMap<String, String> {
+        let output = self.ec2.describe_instances().send().await.unwrap();
+        output
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| {
+                let state = i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default();
+                (i.instance_id().unwrap_or_default().to_owned(), state)
+            })
+            .collect()
+    }
+
+    /// Polls `check` until it holds.
+    pub async fn eventually<F, Fut>(&self, what: &str, timeout: Duration, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let started = Instant::now();
+        while !check().await {
+            assert!(started.elapsed() < timeout, "{what}: not within {timeout:?}\n{}", self.serve_log());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    pub fn workers_dir(&self) -> PathBuf {
+        self.dir.path().join("workers")
+    }
+
+    pub fn serve_log(&self) -> String {
+        log_tail(&self.dir.path().join("serve.log"))
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.serve.id()).unwrap_or(0));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.serve.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.serve.kill();
+    }
+}

@@ -1,5 +1,7 @@
 //! `sleep`: waits `seconds`, for tests of the machinery around kernels.
-//! Payload `{"seconds": 1.5, "fail": "optional permanent error"}`.
+//! Payload `{"seconds": 1.5}`, and optionally `"fail": "an error"` (a
+//! permanent failure), `"data": ...` (carried and ignored, to test payloads
+//! of any size) and `"result_bytes": n` (a result of that size).
 //! It stops early when asked and checkpoints the time already slept.
 
 use std::time::{Duration, Instant};
@@ -17,7 +19,14 @@ struct SleepInput {
     seconds: f64,
     #[serde(default)]
     fail: Option<String>,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    result_bytes: usize,
 }
+
+/// The largest result a test may ask for.
+const MAX_RESULT_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct SleepKernel;
@@ -29,8 +38,8 @@ impl Kernel for SleepKernel {
         checkpoint: Option<&[u8]>,
         control: &Control,
     ) -> Result<Outcome, KernelError> {
-        let input = SleepInput::deserialize(payload)
-            .map_err(|e| KernelError::Permanent(e.to_string()))?;
+        let input =
+            SleepInput::deserialize(payload).map_err(|e| KernelError::Permanent(e.to_string()))?;
         if !(input.seconds.is_finite() && (0.0..=86_400.0).contains(&input.seconds)) {
             return Err(KernelError::Permanent(
                 "seconds must be between 0 and 86400".into(),
@@ -38,6 +47,11 @@ impl Kernel for SleepKernel {
         }
         if let Some(message) = input.fail {
             return Err(KernelError::Permanent(message));
+        }
+        if input.result_bytes > MAX_RESULT_BYTES {
+            return Err(KernelError::Permanent(format!(
+                "result_bytes is over {MAX_RESULT_BYTES}"
+            )));
         }
         let already_slept = match checkpoint {
             Some(bytes) => std::str::from_utf8(bytes)
@@ -57,8 +71,13 @@ impl Kernel for SleepKernel {
             }
             std::thread::sleep(TICK.min(remaining.saturating_sub(started.elapsed())));
         }
+        let data_bytes = input.data.map_or(0, |data| data.to_string().len());
         Ok(Outcome::Done {
-            result: json!({ "slept_seconds": input.seconds }),
+            result: json!({
+                "slept_seconds": input.seconds,
+                "data_bytes": data_bytes,
+                "filler": "x".repeat(input.result_bytes),
+            }),
             summary: format!("slept {:.1}s", input.seconds),
         })
     }
@@ -87,14 +106,23 @@ mod tests {
             panic!("expected a stop");
         };
         let checkpoint = checkpoint.expect("a checkpoint");
-        let slept: f64 = String::from_utf8(checkpoint).expect("utf8").parse().expect("number");
+        let slept: f64 = String::from_utf8(checkpoint)
+            .expect("utf8")
+            .parse()
+            .expect("number");
         assert!(slept >= 4.99);
     }
 
     #[test]
     fn bad_input_is_permanent() {
-        for payload in [json!({}), json!({"seconds": -1}), json!({"seconds": 1, "x": 1})] {
-            let error = SleepKernel.run(&payload, None, &Control::new()).unwrap_err();
+        for payload in [
+            json!({}),
+            json!({"seconds": -1}),
+            json!({"seconds": 1, "x": 1}),
+        ] {
+            let error = SleepKernel
+                .run(&payload, None, &Control::new())
+                .unwrap_err();
             assert!(matches!(error, KernelError::Permanent(_)), "{payload}");
         }
     }

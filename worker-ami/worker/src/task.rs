@@ -27,6 +27,7 @@ pub(crate) async fn process(context: &Context, message: Received, control: Contr
 async fn run(context: &Context, message: Received, task: TaskMessage, control: Control) {
     let started_at = Utc::now();
     let attempts = task.prior_attempts + message.receive_count;
+    tracing::info!(kernel = %task.kernel, attempts, "task started");
     let outcome = match load_inputs(context, &task).await {
         Ok((payload, checkpoint)) => run_kernel(context, &task.kernel, payload, checkpoint, control).await,
         Err(error) => Err(error),
