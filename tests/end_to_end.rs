@@ -42,29 +42,63 @@ async fn the_night_runs_every_task_once_and_leaves_nothing_behind() {
     assert_eq!(lines.len(), ids.len(), "the report lists every task");
     for line in lines {
         assert_eq!(line["status"], "DONE", "{line}");
-        assert!(line["instance_id"].as_str().unwrap().starts_with("i-"), "{line}");
+        assert!(
+            line["instance_id"].as_str().unwrap().starts_with("i-"),
+            "{line}"
+        );
         assert_eq!(line["attempts"], 1, "{line}");
         assert!(line["duration_ms"].as_u64().is_some(), "{line}");
     }
     let run = &report["run"];
-    assert_eq!((run["queued"].as_u64(), run["done"].as_u64(), run["failed"].as_u64()), (Some(17), Some(17), Some(0)));
-    let workers: BTreeSet<&str> = lines.iter().filter_map(|l| l["instance_id"].as_str()).collect();
-    assert!(workers.len() > 1, "several workers shared the night: {workers:?}");
+    assert_eq!(
+        (
+            run["queued"].as_u64(),
+            run["done"].as_u64(),
+            run["failed"].as_u64()
+        ),
+        (Some(17), Some(17), Some(0))
+    );
+    let workers: BTreeSet<&str> = lines
+        .iter()
+        .filter_map(|l| l["instance_id"].as_str())
+        .collect();
+    assert!(
+        workers.len() > 1,
+        "several workers shared the night: {workers:?}"
+    );
 
     // The large payload and result travelled through the bucket.
     let big_id = &ids[16];
-    let (_, task) = stack.request("GET", &format!("/tasks/{big_id}"), None).await;
-    assert!(task["payload"]["stored"]["key"].is_string(), "{}", task["payload"]);
-    assert!(task["result"]["stored"]["key"].is_string(), "{}", task["result"]);
+    let (_, task) = stack
+        .request("GET", &format!("/tasks/{big_id}"), None)
+        .await;
+    assert!(
+        task["payload"]["stored"]["key"].is_string(),
+        "{}",
+        task["payload"]
+    );
+    assert!(
+        task["result"]["stored"]["key"].is_string(),
+        "{}",
+        task["result"]
+    );
 
-    for queue in ["NIGHTSHIFT_TASK_QUEUE_URL", "NIGHTSHIFT_RESULT_QUEUE_URL", "NIGHTSHIFT_TASK_DLQ_URL"] {
+    for queue in [
+        "NIGHTSHIFT_TASK_QUEUE_URL",
+        "NIGHTSHIFT_RESULT_QUEUE_URL",
+        "NIGHTSHIFT_TASK_DLQ_URL",
+    ] {
         assert_eq!(stack.queue_depth(queue).await, 0, "{queue} is empty");
     }
     stack
-        .eventually("every instance terminated", Duration::from_secs(60), || async {
-            let instances = stack.instances().await;
-            !instances.is_empty() && instances.values().all(|state| state == "terminated")
-        })
+        .eventually(
+            "every instance terminated",
+            Duration::from_secs(60),
+            || async {
+                let instances = stack.instances().await;
+                !instances.is_empty() && instances.values().all(|state| state == "terminated")
+            },
+        )
         .await;
 }
 
@@ -77,8 +111,15 @@ fn nightshift_kernels_demo(account: &str, seed: u64) -> Value {
 /// visibility timeout, another worker runs it, and it is recorded once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_loses_no_task() {
-    let stack = Stack::start(&[("TaskVisibilityTimeout", "6"), ("SlotsPerInstance", "1"), ("MaxInstances", "3")]).await;
-    let tasks: Vec<Value> = (0..4).map(|i| sleep_task(&format!("acct-{i}"), 3.0)).collect();
+    let stack = Stack::start(&[
+        ("TaskVisibilityTimeout", "6"),
+        ("SlotsPerInstance", "1"),
+        ("MaxInstances", "3"),
+    ])
+    .await;
+    let tasks: Vec<Value> = (0..4)
+        .map(|i| sleep_task(&format!("acct-{i}"), 3.0))
+        .collect();
     let ids = stack.submit(&tasks).await;
     let run_id = stack.start_run().await;
 
@@ -96,14 +137,30 @@ async fn a_killed_worker_loses_no_task() {
         .trim()
         .parse()
         .unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 
     let report = stack.finish(&run_id, RUN_TIMEOUT).await;
     let run = &report["run"];
-    assert_eq!((run["done"].as_u64(), run["failed"].as_u64()), (Some(ids.len() as u64), Some(0)));
-    let line = report["tasks"].as_array().unwrap().iter().find(|l| l["task_id"] == task_id.as_str()).unwrap();
+    assert_eq!(
+        (run["done"].as_u64(), run["failed"].as_u64()),
+        (Some(ids.len() as u64), Some(0))
+    );
+    let line = report["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["task_id"] == task_id.as_str())
+        .unwrap();
     assert_eq!(line["status"], "DONE");
-    assert_ne!(line["instance_id"].as_str(), Some(instance_id.as_str()), "another worker finished it");
+    assert_ne!(
+        line["instance_id"].as_str(),
+        Some(instance_id.as_str()),
+        "another worker finished it"
+    );
     assert_eq!(line["attempts"], 2, "the second delivery ran it: {line}");
 }
 
@@ -116,9 +173,14 @@ fn started_task(dir: &std::path::Path) -> Option<(String, String)> {
         }
         let text = std::fs::read_to_string(&path).ok()?;
         for line in text.lines() {
-            let Ok(record) = serde_json::from_str::<Value>(line) else { continue };
+            let Ok(record) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
             if record["fields"]["message"] == "task started" {
-                let task_id = record["spans"].as_array()?.iter().find_map(|s| s["task_id"].as_str())?;
+                let task_id = record["spans"]
+                    .as_array()?
+                    .iter()
+                    .find_map(|s| s["task_id"].as_str())?;
                 let instance = path.file_stem()?.to_str()?.to_owned();
                 return Some((instance, task_id.to_owned()));
             }
@@ -131,10 +193,18 @@ fn started_task(dir: &std::path::Path) -> Option<(String, String)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_result_delivered_twice_is_recorded_once() {
     let stack = Stack::start(&[]).await;
-    let ids = stack.submit(&[sleep_task("a", 0.1), sleep_task("b", 0.1), sleep_task("c", 0.1)]).await;
+    let ids = stack
+        .submit(&[
+            sleep_task("a", 0.1),
+            sleep_task("b", 0.1),
+            sleep_task("c", 0.1),
+        ])
+        .await;
     let run_id = stack.start_run().await;
     let before = stack.finish(&run_id, RUN_TIMEOUT).await;
-    let (_, task) = stack.request("GET", &format!("/tasks/{}", ids[0]), None).await;
+    let (_, task) = stack
+        .request("GET", &format!("/tasks/{}", ids[0]), None)
+        .await;
 
     let duplicate = Envelope::Result(TaskResult {
         task_id: ids[0].clone(),
@@ -143,7 +213,10 @@ async fn a_result_delivered_twice_is_recorded_once() {
         attempts: 1,
         started_at: Utc::now(),
         finished_at: Utc::now(),
-        outcome: TaskOutcome::Done { result: Blob::Inline(json!({"other": true})), summary: "duplicate".into() },
+        outcome: TaskOutcome::Done {
+            result: Blob::Inline(json!({"other": true})),
+            summary: "duplicate".into(),
+        },
     });
     for _ in 0..2 {
         stack
@@ -156,11 +229,15 @@ async fn a_result_delivered_twice_is_recorded_once() {
             .unwrap();
     }
     stack
-        .eventually("the collector consumed the duplicates", Duration::from_secs(60), || async {
-            stack.queue_depth("NIGHTSHIFT_RESULT_QUEUE_URL").await == 0
-        })
+        .eventually(
+            "the collector consumed the duplicates",
+            Duration::from_secs(60),
+            || async { stack.queue_depth("NIGHTSHIFT_RESULT_QUEUE_URL").await == 0 },
+        )
         .await;
-    let (_, after_task) = stack.request("GET", &format!("/tasks/{}", ids[0]), None).await;
+    let (_, after_task) = stack
+        .request("GET", &format!("/tasks/{}", ids[0]), None)
+        .await;
     assert_eq!(after_task, task, "the task is as first recorded");
     let (_, run) = stack.request("GET", &format!("/runs/{run_id}"), None).await;
     assert_eq!(run["done"], before["run"]["done"]);
@@ -175,30 +252,131 @@ async fn bad_input_is_refused_and_nothing_is_written() {
     let stack = Stack::start(&[("MaxPayloadBytes", "1048576")]).await;
     let too_many = json!({ "tasks": vec![sleep_task("a", 0.0); 1001] }).to_string();
     let too_big = json!({ "account": "a", "kernel": "sleep", "payload": { "seconds": 0, "data": "x".repeat(1_100_000) } }).to_string();
-    let cases: Vec<(&str, &str, Option<&str>, u16, &str, Option<&str>)> = vec![
-        ("POST", "/tasks", Some("{\"account\": "), 400, "malformed_json", None),
-        ("POST", "/tasks", Some("[1, 2]"), 422, "invalid_type", Some("")),
-        ("POST", "/tasks", Some(r#"{"payload": {}}"#), 422, "missing_field", Some("account")),
-        ("POST", "/tasks", Some(r#"{"account": 5, "payload": {}}"#), 422, "invalid_type", Some("account")),
-        ("POST", "/tasks", Some(r#"{"account": "a", "payload": {}, "kernel": "bash"}"#), 422, "unknown_kernel", Some("kernel")),
-        ("POST", "/tasks", Some(r#"{"tasks": []}"#), 422, "empty_batch", Some("tasks")),
-        ("POST", "/tasks", Some(r#"{"tasks": [{"account": "a", "payload": 1}, {"account": "b"}]}"#), 422, "missing_field", Some("tasks[1].payload")),
-        ("POST", "/tasks", Some(too_many.as_str()), 413, "batch_too_large", Some("tasks")),
-        ("POST", "/tasks", Some(too_big.as_str()), 413, "payload_too_large", Some("payload")),
-        ("GET", "/tasks/no-such-task", None, 404, "not_found", Some("id")),
-        ("GET", "/runs/no-such-run", None, 404, "not_found", Some("id")),
-        ("GET", "/runs/no-such-run/report", None, 404, "not_found", Some("id")),
+    // (method, path, body, status, error code, field)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, u16, &'a str, Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/tasks",
+            Some("{\"account\": "),
+            400,
+            "malformed_json",
+            None,
+        ),
+        (
+            "POST",
+            "/tasks",
+            Some("[1, 2]"),
+            422,
+            "invalid_type",
+            Some(""),
+        ),
+        (
+            "POST",
+            "/tasks",
+            Some(r#"{"payload": {}}"#),
+            422,
+            "missing_field",
+            Some("account"),
+        ),
+        (
+            "POST",
+            "/tasks",
+            Some(r#"{"account": 5, "payload": {}}"#),
+            422,
+            "invalid_type",
+            Some("account"),
+        ),
+        (
+            "POST",
+            "/tasks",
+            Some(r#"{"account": "a", "payload": {}, "kernel": "bash"}"#),
+            422,
+            "unknown_kernel",
+            Some("kernel"),
+        ),
+        (
+            "POST",
+            "/tasks",
+            Some(r#"{"tasks": []}"#),
+            422,
+            "empty_batch",
+            Some("tasks"),
+        ),
+        (
+            "POST",
+            "/tasks",
+            Some(r#"{"tasks": [{"account": "a", "payload": 1}, {"account": "b"}]}"#),
+            422,
+            "missing_field",
+            Some("tasks[1].payload"),
+        ),
+        (
+            "POST",
+            "/tasks",
+            Some(too_many.as_str()),
+            413,
+            "batch_too_large",
+            Some("tasks"),
+        ),
+        (
+            "POST",
+            "/tasks",
+            Some(too_big.as_str()),
+            413,
+            "payload_too_large",
+            Some("payload"),
+        ),
+        (
+            "GET",
+            "/tasks/no-such-task",
+            None,
+            404,
+            "not_found",
+            Some("id"),
+        ),
+        (
+            "GET",
+            "/runs/no-such-run",
+            None,
+            404,
+            "not_found",
+            Some("id"),
+        ),
+        (
+            "GET",
+            "/runs/no-such-run/report",
+            None,
+            404,
+            "not_found",
+            Some("id"),
+        ),
     ];
     for (method, path, body, status, code, field) in cases {
         let (got, answer) = stack.request(method, path, body).await;
         let shown = body.map(|b| &b[..b.len().min(60)]);
         assert_eq!(got, status, "{method} {path} {shown:?}: {answer}");
         assert_eq!(answer["error"]["code"], code, "{method} {path} {shown:?}");
-        assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
         if let Some(field) = field {
             assert_eq!(answer["error"]["field"], field, "{method} {path} {shown:?}");
         }
     }
-    let scan = stack.dynamodb.scan().table_name(&stack.env["NIGHTSHIFT_TABLE"]).send().await.unwrap();
-    assert_eq!(scan.count(), 0, "the table holds nothing: {:?}", scan.items());
+    let scan = stack
+        .dynamodb
+        .scan()
+        .table_name(&stack.env["NIGHTSHIFT_TABLE"])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        scan.count(),
+        0,
+        "the table holds nothing: {:?}",
+        scan.items()
+    );
 }

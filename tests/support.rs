@@ -1,6 +1,9 @@
 //! A local stack per test: `nightshift local serve` on its own emulator,
 //! state directory and ports, stopped when the test ends.
 
+// Test support: a setup step that fails should fail the test at once.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,7 +25,10 @@ pub struct Stack {
 /// The workspace's built programs sit next to the test's own directory.
 fn program(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target directory").join(name)
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join(name)
 }
 
 fn repository() -> PathBuf {
@@ -33,13 +39,27 @@ impl Stack {
     /// Starts a stack with these template parameter overrides.
     pub async fn start(parameters: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("state directory");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let endpoint = format!("http://127.0.0.1:{port}");
         let nightshift = program("nightshift");
-        assert!(nightshift.exists(), "build the programs first: cargo build --workspace --bins ({nightshift:?})");
+        assert!(
+            nightshift.exists(),
+            "build the programs first: cargo build --workspace --bins ({nightshift:?})"
+        );
         let mut command = Command::new(nightshift);
         command
-            .args(["local", "serve", "--dispatch-every", "1", "--emulator-port", &port.to_string()])
+            .args([
+                "local",
+                "serve",
+                "--dispatch-every",
+                "1",
+                "--emulator-port",
+                &port.to_string(),
+            ])
             .arg("--state-dir")
             .arg(dir.path())
             .arg("--template")
@@ -60,7 +80,11 @@ impl Stack {
         let env_file = dir.path().join("local.env");
         let started = Instant::now();
         while !env_file.exists() {
-            assert!(started.elapsed() < Duration::from_secs(120), "stack not ready:\n{}", log_tail(&dir.path().join("serve.log")));
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "stack not ready:\n{}",
+                log_tail(&dir.path().join("serve.log"))
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let env: BTreeMap<String, String> = std::fs::read_to_string(&env_file)
@@ -72,7 +96,9 @@ impl Stack {
         let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .endpoint_url(&endpoint)
             .region(aws_config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "e2e"))
+            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "test", "test", None, None, "e2e",
+            ))
             .load()
             .await;
         Self {
@@ -95,7 +121,9 @@ impl Stack {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut request = self.http.request(method, self.api(path));
         if let Some(body) = body {
-            request = request.header("content-type", "application/json").body(body.to_owned());
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_owned());
         }
         let response = request.send().await.expect("API reachable");
         let status = response.status().as_u16();
@@ -107,7 +135,12 @@ impl Stack {
         let body = serde_json::json!({ "tasks": tasks }).to_string();
         let (status, answer) = self.request("POST", "/tasks", Some(&body)).await;
         assert_eq!(status, 201, "{answer}");
-        answer["task_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect()
+        answer["task_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
     }
 
     pub async fn start_run(&self) -> String {
@@ -122,9 +155,16 @@ impl Stack {
         loop {
             let (_, run) = self.request("GET", &format!("/runs/{run_id}"), None).await;
             if run["state"] == "FINISHED" {
-                return self.request("GET", &format!("/runs/{run_id}/report"), None).await.1;
+                return self
+                    .request("GET", &format!("/runs/{run_id}/report"), None)
+                    .await
+                    .1;
             }
-            assert!(started.elapsed() < timeout, "run not finished in {timeout:?}: {run}\n{}", self.serve_log());
+            assert!(
+                started.elapsed() < timeout,
+                "run not finished in {timeout:?}: {run}\n{}",
+                self.serve_log()
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -140,10 +180,18 @@ impl Stack {
             .await
             .unwrap();
         let attributes = attributes.attributes().unwrap();
-        [QueueAttributeName::ApproximateNumberOfMessages, QueueAttributeName::ApproximateNumberOfMessagesNotVisible]
-            .iter()
-            .map(|name| attributes.get(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
-            .sum()
+        [
+            QueueAttributeName::ApproximateNumberOfMessages,
+            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .map(|name| {
+            attributes
+                .get(name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
     }
 
     /// Instances in each state, by id.
@@ -154,7 +202,11 @@ impl Stack {
             .iter()
             .flat_map(|r| r.instances())
             .map(|i| {
-                let state = i.state().and_then(|s| s.name()).map(|n| n.as_str().to_owned()).unwrap_or_default();
+                let state = i
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_owned())
+                    .unwrap_or_default();
                 (i.instance_id().unwrap_or_default().to_owned(), state)
             })
             .collect()
@@ -168,7 +220,11 @@ impl Stack {
     {
         let started = Instant::now();
         while !check().await {
-            assert!(started.elapsed() < timeout, "{what}: not within {timeout:?}\n{}", self.serve_log());
+            assert!(
+                started.elapsed() < timeout,
+                "{what}: not within {timeout:?}\n{}",
+                self.serve_log()
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }

@@ -10,23 +10,41 @@ use serde_json::{Value, json};
 use crate::CliError;
 use crate::local;
 
-async fn call(method: reqwest::Method, url: &str, body: Option<&Value>) -> Result<(u16, Value), CliError> {
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value), CliError> {
     let client = reqwest::Client::new();
     let mut request = client.request(method, url);
     if let Some(body) = body {
         request = request.json(body);
     }
-    let response = request.send().await.map_err(|source| CliError::Http { url: url.to_owned(), source })?;
+    let response = request.send().await.map_err(|source| CliError::Http {
+        url: url.to_owned(),
+        source,
+    })?;
     let status = response.status().as_u16();
-    let text = response.text().await.map_err(|source| CliError::Http { url: url.to_owned(), source })?;
+    let text = response.text().await.map_err(|source| CliError::Http {
+        url: url.to_owned(),
+        source,
+    })?;
     let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
     if status >= 400 {
-        return Err(CliError::Api { status, body: value.to_string() });
+        return Err(CliError::Api {
+            status,
+            body: value.to_string(),
+        });
     }
     Ok((status, value))
 }
 
-pub async fn demo(api: &str, accounts: usize, kernel: Option<&str>, timeout: Duration) -> Result<(), CliError> {
+pub async fn demo(
+    api: &str,
+    accounts: usize,
+    kernel: Option<&str>,
+    timeout: Duration,
+) -> Result<(), CliError> {
     if accounts == 0 {
         return Err(CliError::Usage("--accounts must be at least 1".into()));
     }
@@ -45,12 +63,20 @@ pub async fn demo(api: &str, accounts: usize, kernel: Option<&str>, timeout: Dur
         .collect();
     let mut ids = 0;
     for chunk in tasks.chunks(1000) {
-        let (_, answer) = call(reqwest::Method::POST, &format!("{api}/tasks"), Some(&json!({ "tasks": chunk }))).await?;
+        let (_, answer) = call(
+            reqwest::Method::POST,
+            &format!("{api}/tasks"),
+            Some(&json!({ "tasks": chunk })),
+        )
+        .await?;
         ids += answer["task_ids"].as_array().map_or(0, Vec::len);
     }
     println!("submitted {ids} accounts ({kernel})");
     let (_, started_run) = call(reqwest::Method::POST, &format!("{api}/runs"), None).await?;
-    let run_id = started_run["run"]["id"].as_str().unwrap_or_default().to_owned();
+    let run_id = started_run["run"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     println!("run {run_id} started");
     follow(api, &run_id, ids as u64, timeout).await?;
     print_report(api, &run_id).await?;
@@ -74,14 +100,18 @@ async fn follow(api: &str, run_id: &str, expected: u64, timeout: Duration) -> Re
         let workers = run["instances"].as_array().map_or(0, Vec::len);
         bar.set_length(queued.max(expected));
         bar.set_position(done + failed);
-        bar.set_message(format!("queued {queued}, failed {failed}, workers launched {workers}"));
+        bar.set_message(format!(
+            "queued {queued}, failed {failed}, workers launched {workers}"
+        ));
         if run["state"] == "FINISHED" {
             bar.finish();
             return Ok(());
         }
         if started.elapsed() > timeout {
             bar.abandon();
-            return Err(CliError::Local(format!("run {run_id} did not finish within {timeout:?}")));
+            return Err(CliError::Local(format!(
+                "run {run_id} did not finish within {timeout:?}"
+            )));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -89,8 +119,15 @@ async fn follow(api: &str, run_id: &str, expected: u64, timeout: Duration) -> Re
 
 pub async fn start_run(api: &str) -> Result<(), CliError> {
     let (status, answer) = call(reqwest::Method::POST, &format!("{api}/runs"), None).await?;
-    let verb = if status == 201 { "started" } else { "already open" };
-    println!("run {} {verb}", answer["run"]["id"].as_str().unwrap_or_default());
+    let verb = if status == 201 {
+        "started"
+    } else {
+        "already open"
+    };
+    println!(
+        "run {} {verb}",
+        answer["run"]["id"].as_str().unwrap_or_default()
+    );
     Ok(())
 }
 
@@ -101,14 +138,27 @@ pub async fn show_run(api: &str, run_id: &str) -> Result<(), CliError> {
 }
 
 pub async fn print_report(api: &str, run_id: &str) -> Result<(), CliError> {
-    let (_, report) = call(reqwest::Method::GET, &format!("{api}/runs/{run_id}/report"), None).await?;
+    let (_, report) = call(
+        reqwest::Method::GET,
+        &format!("{api}/runs/{run_id}/report"),
+        None,
+    )
+    .await?;
     let empty = Vec::new();
     let tasks = report["tasks"].as_array().unwrap_or(&empty);
     println!();
-    println!("{:<10} {:<8} {:<21} {:>8} {:>10}  result", "account", "status", "worker", "attempts", "duration");
+    println!(
+        "{:<10} {:<8} {:<21} {:>8} {:>10}  result",
+        "account", "status", "worker", "attempts", "duration"
+    );
     for task in tasks {
-        let duration = task["duration_ms"].as_u64().map_or("-".to_owned(), |ms| format!("{:.2}s", ms as f64 / 1000.0));
-        let outcome = task["summary"].as_str().or(task["error"].as_str()).unwrap_or("-");
+        let duration = task["duration_ms"]
+            .as_u64()
+            .map_or("-".to_owned(), |ms| format!("{:.2}s", ms as f64 / 1000.0));
+        let outcome = task["summary"]
+            .as_str()
+            .or(task["error"].as_str())
+            .unwrap_or("-");
         println!(
             "{:<10} {:<8} {:<21} {:>8} {:>10}  {}",
             task["account"].as_str().unwrap_or("?"),
@@ -119,13 +169,20 @@ pub async fn print_report(api: &str, run_id: &str) -> Result<(), CliError> {
             outcome,
         );
     }
-    let workers: BTreeSet<&str> = tasks.iter().filter_map(|t| t["instance_id"].as_str()).collect();
+    let workers: BTreeSet<&str> = tasks
+        .iter()
+        .filter_map(|t| t["instance_id"].as_str())
+        .collect();
     let run = &report["run"];
     println!();
     println!("workers:");
     if let Some(lines) = report["workers"].as_object() {
         for (instance, line) in lines {
-            println!("  {instance:<21} {:>4} tasks  {:>8.1}s busy", line["tasks"], line["busy_ms"].as_f64().unwrap_or(0.0) / 1000.0);
+            println!(
+                "  {instance:<21} {:>4} tasks  {:>8.1}s busy",
+                line["tasks"],
+                line["busy_ms"].as_f64().unwrap_or(0.0) / 1000.0
+            );
         }
     }
     println!(
@@ -137,7 +194,9 @@ pub async fn print_report(api: &str, run_id: &str) -> Result<(), CliError> {
         run["queued"],
         workers.len(),
         run["instances"].as_array().map_or(0, Vec::len),
-        report["wall_ms"].as_f64().map_or("-".to_owned(), |ms| format!("{:.1}s", ms / 1000.0)),
+        report["wall_ms"]
+            .as_f64()
+            .map_or("-".to_owned(), |ms| format!("{:.1}s", ms / 1000.0)),
     );
     Ok(())
 }
@@ -153,7 +212,8 @@ pub async fn local_status(state_dir: &Path) -> Result<(), CliError> {
         println!("  {key}={value}");
     }
     if let Some(control) = env.get("NIGHTSHIFT_CONTROL_URL") {
-        let (_, workers) = call(reqwest::Method::GET, &format!("{control}/instances"), None).await?;
+        let (_, workers) =
+            call(reqwest::Method::GET, &format!("{control}/instances"), None).await?;
         println!("worker processes: {workers}");
     }
     Ok(())
@@ -165,7 +225,12 @@ pub async fn interrupt(state_dir: &Path, instance_id: &str) -> Result<(), CliErr
     let control = env
         .get("NIGHTSHIFT_CONTROL_URL")
         .ok_or_else(|| CliError::Usage("the local stack has no control URL".into()))?;
-    call(reqwest::Method::POST, &format!("{control}/instances/{instance_id}/interrupt"), None).await?;
+    call(
+        reqwest::Method::POST,
+        &format!("{control}/instances/{instance_id}/interrupt"),
+        None,
+    )
+    .await?;
     println!("spot interruption announced to {instance_id}");
     Ok(())
 }

@@ -16,22 +16,36 @@ pub enum CliError {
     #[error("{0}")]
     Local(String),
     #[error("{path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{operation} failed: {detail}")]
-    Aws { operation: &'static str, detail: String },
+    Aws {
+        operation: &'static str,
+        detail: String,
+    },
     #[error(transparent)]
     Template(#[from] local::template::TemplateError),
     #[error("the API answered {status}: {body}")]
     Api { status: u16, body: String },
     #[error("cannot reach the API at {url}: {source}")]
-    Http { url: String, #[source] source: reqwest::Error },
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("invalid argument: {0}")]
     Usage(String),
 }
 
 impl CliError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.display().to_string(), source }
+        Self::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 
     pub fn aws(operation: &'static str, error: impl std::error::Error) -> Self {
@@ -46,7 +60,11 @@ impl CliError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "nightshift", version, about = "Overnight batch computing on spot instances")]
+#[command(
+    name = "nightshift",
+    version,
+    about = "Overnight batch computing on spot instances"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -115,11 +133,13 @@ impl ApiArgs {
             return Ok(url.trim_end_matches('/').to_owned());
         }
         let env = local::read_env_file(&self.state_dir.join(local::ENV_FILE)).map_err(|_| {
-            CliError::Usage("no --api given and no local stack is up (`nightshift local up`)".into())
+            CliError::Usage(
+                "no --api given and no local stack is up (`nightshift local up`)".into(),
+            )
         })?;
-        env.get("NIGHTSHIFT_API_URL")
-            .cloned()
-            .ok_or_else(|| CliError::Usage("the local stack's env file has no NIGHTSHIFT_API_URL".into()))
+        env.get("NIGHTSHIFT_API_URL").cloned().ok_or_else(|| {
+            CliError::Usage("the local stack's env file has no NIGHTSHIFT_API_URL".into())
+        })
     }
 }
 
@@ -170,7 +190,11 @@ struct StackArgs {
     #[arg(long, default_value = "nightshift-local")]
     stack_name: String,
     /// The emulator's server program (moto's).
-    #[arg(long, default_value = ".venv/bin/moto_server", env = "NIGHTSHIFT_EMULATOR")]
+    #[arg(
+        long,
+        default_value = ".venv/bin/moto_server",
+        env = "NIGHTSHIFT_EMULATOR"
+    )]
     emulator_bin: PathBuf,
     /// Port of the API (0: any free port).
     #[arg(long, default_value_t = 0)]
@@ -205,12 +229,18 @@ impl StackArgs {
             args.extend(["--param".to_owned(), param.clone()]);
         }
         if let Some(worker) = &self.worker_bin {
-            args.extend(["--worker-bin".to_owned(), absolute(worker).display().to_string()]);
+            args.extend([
+                "--worker-bin".to_owned(),
+                absolute(worker).display().to_string(),
+            ]);
         }
         args
     }
 
-    fn serve_options(&self, emulator_port: Option<u16>) -> Result<local::serve::ServeOptions, CliError> {
+    fn serve_options(
+        &self,
+        emulator_port: Option<u16>,
+    ) -> Result<local::serve::ServeOptions, CliError> {
         let parameters = self
             .params
             .iter()
@@ -221,7 +251,9 @@ impl StackArgs {
             })
             .collect::<Result<BTreeMap<_, _>, _>>()?;
         if !(self.dispatch_every.is_finite() && self.dispatch_every > 0.0) {
-            return Err(CliError::Usage("--dispatch-every must be a positive number of seconds".into()));
+            return Err(CliError::Usage(
+                "--dispatch-every must be a positive number of seconds".into(),
+            ));
         }
         let worker_bin = match &self.worker_bin {
             Some(path) => path.clone(),
@@ -249,7 +281,12 @@ fn absolute(path: &Path) -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Local { command: LocalCommand::Serve { .. } });
+    let quiet = matches!(
+        cli.command,
+        Command::Local {
+            command: LocalCommand::Serve { .. }
+        }
+    );
     init_logging(quiet);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -269,9 +306,16 @@ fn main() -> ExitCode {
 
 /// JSON lines for the background stack; plain warnings for commands.
 fn init_logging(serving: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| if serving { "info".into() } else { "warn".into() });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        if serving {
+            "info".into()
+        } else {
+            "warn".into()
+        }
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if serving {
         builder.json().init();
     } else {
@@ -282,8 +326,19 @@ fn init_logging(serving: bool) {
 async fn execute(command: Command) -> Result<(), CliError> {
     match command {
         Command::Local { command } => execute_local(command).await,
-        Command::Demo { accounts, kernel, api, timeout } => {
-            client::demo(&api.url()?, accounts, kernel.as_deref(), Duration::from_secs(timeout)).await
+        Command::Demo {
+            accounts,
+            kernel,
+            api,
+            timeout,
+        } => {
+            client::demo(
+                &api.url()?,
+                accounts,
+                kernel.as_deref(),
+                Duration::from_secs(timeout),
+            )
+            .await
         }
         Command::Run { command } => match command {
             RunCommand::Start { api } => client::start_run(&api.url()?).await,
@@ -295,7 +350,11 @@ async fn execute(command: Command) -> Result<(), CliError> {
 
 async fn execute_local(command: LocalCommand) -> Result<(), CliError> {
     match command {
-        LocalCommand::Up { stack, aws_endpoint, timeout } => {
+        LocalCommand::Up {
+            stack,
+            aws_endpoint,
+            timeout,
+        } => {
             stack.serve_options(None)?;
             let options = local::UpOptions {
                 state_dir: stack.state_dir.clone(),
@@ -306,7 +365,10 @@ async fn execute_local(command: LocalCommand) -> Result<(), CliError> {
             let env = tokio::task::spawn_blocking(move || local::up(&options))
                 .await
                 .map_err(|e| CliError::Local(e.to_string()))??;
-            println!("local stack up: {}", stack.state_dir.join(local::ENV_FILE).display());
+            println!(
+                "local stack up: {}",
+                stack.state_dir.join(local::ENV_FILE).display()
+            );
             for (key, value) in env {
                 println!("  {key}={value}");
             }
@@ -321,7 +383,13 @@ async fn execute_local(command: LocalCommand) -> Result<(), CliError> {
             Ok(())
         }
         LocalCommand::Status { state_dir } => client::local_status(&state_dir).await,
-        LocalCommand::Interrupt { instance_id, state_dir } => client::interrupt(&state_dir, &instance_id).await,
-        LocalCommand::Serve { stack, emulator_port } => local::serve::serve(stack.serve_options(emulator_port)?).await,
+        LocalCommand::Interrupt {
+            instance_id,
+            state_dir,
+        } => client::interrupt(&state_dir, &instance_id).await,
+        LocalCommand::Serve {
+            stack,
+            emulator_port,
+        } => local::serve::serve(stack.serve_options(emulator_port)?).await,
     }
 }

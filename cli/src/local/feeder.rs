@@ -11,7 +11,12 @@ use nightshift_core::ports::Queue;
 
 use super::template::SqsSource;
 
-pub async fn run(queue: SqsQueue, source: SqsSource, store: DynamoStore, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(
+    queue: SqsQueue,
+    source: SqsSource,
+    store: DynamoStore,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let wait = Duration::from_secs(source.batching_window_seconds.max(1));
     loop {
         let received = tokio::select! {
@@ -31,7 +36,10 @@ pub async fn run(queue: SqsQueue, source: SqsSource, store: DynamoStore, mut sto
         }
         let incoming: Vec<Incoming> = messages
             .iter()
-            .map(|m| Incoming { message_id: m.message_id.clone(), body: m.body.clone() })
+            .map(|m| Incoming {
+                message_id: m.message_id.clone(),
+                body: m.body.clone(),
+            })
             .collect();
         let failed = collect(&store, &incoming).await;
         // Without ReportBatchItemFailures a failure returns the whole batch.

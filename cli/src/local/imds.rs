@@ -35,7 +35,10 @@ impl MetadataEndpoint {
         };
         let router = Router::new()
             .route("/latest/api/token", put(token))
-            .route("/latest/meta-data/instance-id", get(|State(i): State<Instance>| async move { i.id }))
+            .route(
+                "/latest/meta-data/instance-id",
+                get(|State(i): State<Instance>| async move { i.id }),
+            )
             .route("/latest/meta-data/spot/instance-action", get(spot_action))
             .with_state(instance);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -43,7 +46,11 @@ impl MetadataEndpoint {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, router).await;
         });
-        Ok(Self { url, interrupted, server })
+        Ok(Self {
+            url,
+            interrupted,
+            server,
+        })
     }
 
     pub fn abort(&self) {
@@ -57,13 +64,21 @@ async fn token(headers: HeaderMap) -> impl IntoResponse {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("21600")
         .to_owned();
-    (StatusCode::OK, [(TTL_HEADER, ttl)], uuid::Uuid::new_v4().to_string())
+    (
+        StatusCode::OK,
+        [(TTL_HEADER, ttl)],
+        uuid::Uuid::new_v4().to_string(),
+    )
 }
 
 async fn spot_action(State(instance): State<Instance>) -> impl IntoResponse {
     if !instance.interrupted.load(Ordering::SeqCst) {
         return (StatusCode::NOT_FOUND, String::new());
     }
-    let at = (Utc::now() + chrono::Duration::minutes(2)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    (StatusCode::OK, serde_json::json!({ "action": "terminate", "time": at }).to_string())
+    let at = (Utc::now() + chrono::Duration::minutes(2))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    (
+        StatusCode::OK,
+        serde_json::json!({ "action": "terminate", "time": at }).to_string(),
+    )
 }

@@ -41,8 +41,13 @@ pub fn up(options: &UpOptions) -> Result<BTreeMap<String, String>, CliError> {
             "a local stack is already running (pid {pid}); `nightshift local down` stops it"
         )));
     }
-    let mut command = std::process::Command::new(std::env::current_exe().map_err(|e| CliError::io(Path::new("current_exe"), e))?);
-    command.args(["local", "serve", "--state-dir"]).arg(&options.state_dir).args(&options.serve_args);
+    let mut command = std::process::Command::new(
+        std::env::current_exe().map_err(|e| CliError::io(Path::new("current_exe"), e))?,
+    );
+    command
+        .args(["local", "serve", "--state-dir"])
+        .arg(&options.state_dir)
+        .args(&options.serve_args);
     let endpoint = match &options.aws_endpoint {
         Some(endpoint) => endpoint.clone(),
         None => {
@@ -52,7 +57,11 @@ pub fn up(options: &UpOptions) -> Result<BTreeMap<String, String>, CliError> {
         }
     };
     command.env("AWS_ENDPOINT_URL", &endpoint);
-    for (key, default) in [("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local")] {
+    for (key, default) in [
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "local"),
+        ("AWS_SECRET_ACCESS_KEY", "local"),
+    ] {
         if std::env::var_os(key).is_none() {
             command.env(key, default);
         }
@@ -87,7 +96,11 @@ pub fn up(options: &UpOptions) -> Result<BTreeMap<String, String>, CliError> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let _ = kill(pid_of(child.id()), Signal::SIGTERM);
-    Err(CliError::Local(format!("the local stack was not ready in {:?}; see {}", options.timeout, log_path.display())))
+    Err(CliError::Local(format!(
+        "the local stack was not ready in {:?}; see {}",
+        options.timeout,
+        log_path.display()
+    )))
 }
 
 pub fn down(state_dir: &Path) -> Result<bool, CliError> {
@@ -119,8 +132,12 @@ fn pid_of(id: u32) -> Pid {
 }
 
 fn free_port() -> Result<u16, CliError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::io(Path::new("127.0.0.1:0"), e))?;
-    Ok(listener.local_addr().map_err(|e| CliError::io(Path::new("127.0.0.1:0"), e))?.port())
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| CliError::io(Path::new("127.0.0.1:0"), e))?;
+    Ok(listener
+        .local_addr()
+        .map_err(|e| CliError::io(Path::new("127.0.0.1:0"), e))?
+        .port())
 }
 
 fn tail(path: &Path, lines: usize) -> String {

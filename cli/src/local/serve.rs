@@ -106,7 +106,11 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
             .ok_or_else(|| CliError::Local(format!("parameter {name} is not a number")))
     };
     let shards = u32::try_from(number("PendingShards")?).unwrap_or(8);
-    let store = DynamoStore::new(nightshift_core::aws::dynamodb::Client::new(&aws), output("TableName")?, shards);
+    let store = DynamoStore::new(
+        nightshift_core::aws::dynamodb::Client::new(&aws),
+        output("TableName")?,
+        shards,
+    );
     let sqs = nightshift_core::aws::sqs::Client::new(&aws);
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -117,14 +121,28 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         writer: Arc::new(store.clone()),
         reader: Arc::new(store.clone()),
         runs: Arc::new(store.clone()),
-        blobs: Arc::new(S3Blobs::new(nightshift_core::aws::s3::Client::new(&aws), output("PayloadBucketName")?)),
+        blobs: Arc::new(S3Blobs::new(
+            nightshift_core::aws::s3::Client::new(&aws),
+            output("PayloadBucketName")?,
+        )),
         trigger: Arc::new(ChannelTrigger(wake_tx)),
-        limits: Limits::with_builtin_kernels(usize::try_from(number("MaxPayloadBytes")?).unwrap_or(usize::MAX)),
+        limits: Limits::with_builtin_kernels(
+            usize::try_from(number("MaxPayloadBytes")?).unwrap_or(usize::MAX),
+        ),
         inline_limit: usize::try_from(number("InlineLimitBytes")?).unwrap_or(usize::MAX),
     };
     let api_listener = bind(options.api_port).await?;
-    let api_url = format!("http://{}", api_listener.local_addr().map_err(|e| CliError::io(Path::new("api"), e))?);
-    tasks.spawn(serve_router(api_listener, nightshift_ingest::router(api), stop.clone()));
+    let api_url = format!(
+        "http://{}",
+        api_listener
+            .local_addr()
+            .map_err(|e| CliError::io(Path::new("api"), e))?
+    );
+    tasks.spawn(serve_router(
+        api_listener,
+        nightshift_ingest::router(api),
+        stop.clone(),
+    ));
 
     // The dispatcher, on its schedule and when the API wakes it.
     let dispatch_settings = DispatchSettings {
@@ -138,14 +156,31 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         .get("InstanceTypes")
         .map(|t| t.split(',').map(|s| s.trim().to_owned()).collect())
         .unwrap_or_default();
-    let fleet = SpotFleet::new(nightshift_core::aws::ec2::Client::new(&aws), output("LaunchTemplateId")?, instance_types);
+    let fleet = SpotFleet::new(
+        nightshift_core::aws::ec2::Client::new(&aws),
+        output("LaunchTemplateId")?,
+        instance_types,
+    );
     let task_queue = SqsQueue::new(sqs.clone(), output("TaskQueueUrl")?);
-    tasks.spawn(dispatch_loop(store.clone(), task_queue, fleet, dispatch_settings, options.dispatch_every, wake, stop.clone()));
+    tasks.spawn(dispatch_loop(
+        store.clone(),
+        task_queue,
+        fleet,
+        dispatch_settings,
+        options.dispatch_every,
+        wake,
+        stop.clone(),
+    ));
 
     // The collector, fed from each SQS event source the template declares.
     for source in template.sqs_sources("CollectorFunction")? {
         let queue = SqsQueue::new(sqs.clone(), output(&format!("{}Url", source.queue))?);
-        tasks.spawn(super::feeder::run(queue, source, store.clone(), stop.clone()));
+        tasks.spawn(super::feeder::run(
+            queue,
+            source,
+            store.clone(),
+            stop.clone(),
+        ));
     }
 
     // Workers: the boot configuration the launch template's user data
@@ -154,12 +189,27 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         .filter(|(k, _)| k.starts_with("AWS_") && k != "AWS_EC2_METADATA_SERVICE_ENDPOINT")
         .collect();
     worker_env.extend([
-        ("NIGHTSHIFT_TASK_QUEUE_URL".to_owned(), output("TaskQueueUrl")?),
-        ("NIGHTSHIFT_RESULT_QUEUE_URL".to_owned(), output("ResultQueueUrl")?),
+        (
+            "NIGHTSHIFT_TASK_QUEUE_URL".to_owned(),
+            output("TaskQueueUrl")?,
+        ),
+        (
+            "NIGHTSHIFT_RESULT_QUEUE_URL".to_owned(),
+            output("ResultQueueUrl")?,
+        ),
         ("NIGHTSHIFT_BUCKET".to_owned(), output("PayloadBucketName")?),
-        ("NIGHTSHIFT_INLINE_LIMIT_BYTES".to_owned(), number("InlineLimitBytes")?.to_string()),
-        ("NIGHTSHIFT_IDLE_SECONDS".to_owned(), number("WorkerIdleSeconds")?.to_string()),
-        ("NIGHTSHIFT_SLOTS".to_owned(), number("SlotsPerInstance")?.to_string()),
+        (
+            "NIGHTSHIFT_INLINE_LIMIT_BYTES".to_owned(),
+            number("InlineLimitBytes")?.to_string(),
+        ),
+        (
+            "NIGHTSHIFT_IDLE_SECONDS".to_owned(),
+            number("WorkerIdleSeconds")?.to_string(),
+        ),
+        (
+            "NIGHTSHIFT_SLOTS".to_owned(),
+            number("SlotsPerInstance")?.to_string(),
+        ),
         // Short polls and metadata checks keep an emulated night brisk.
         ("NIGHTSHIFT_WAIT_SECONDS".to_owned(), "2".to_owned()),
         ("NIGHTSHIFT_SPOT_POLL_MS".to_owned(), "500".to_owned()),
@@ -176,11 +226,28 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
 
     // Control: announce a spot interruption to one instance.
     let control_listener = bind(0).await?;
-    let control_url = format!("http://{}", control_listener.local_addr().map_err(|e| CliError::io(Path::new("control"), e))?);
-    tasks.spawn(serve_router(control_listener, control_router(registry), stop.clone()));
+    let control_url = format!(
+        "http://{}",
+        control_listener
+            .local_addr()
+            .map_err(|e| CliError::io(Path::new("control"), e))?
+    );
+    tasks.spawn(serve_router(
+        control_listener,
+        control_router(registry),
+        stop.clone(),
+    ));
 
     let mut env: BTreeMap<String, String> = std::env::vars()
-        .filter(|(k, _)| ["AWS_ENDPOINT_URL", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"].contains(&k.as_str()))
+        .filter(|(k, _)| {
+            [
+                "AWS_ENDPOINT_URL",
+                "AWS_REGION",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+            ]
+            .contains(&k.as_str())
+        })
         .collect();
     if let Some(region) = env.get("AWS_REGION").cloned() {
         // Older clients (boto3) read the region from this name.
@@ -191,12 +258,27 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         ("NIGHTSHIFT_CONTROL_URL".to_owned(), control_url),
         ("NIGHTSHIFT_STACK".to_owned(), options.stack_name.clone()),
         ("NIGHTSHIFT_TABLE".to_owned(), output("TableName")?),
-        ("NIGHTSHIFT_TASK_QUEUE_URL".to_owned(), output("TaskQueueUrl")?),
-        ("NIGHTSHIFT_RESULT_QUEUE_URL".to_owned(), output("ResultQueueUrl")?),
-        ("NIGHTSHIFT_TASK_DLQ_URL".to_owned(), output("TaskDeadLetterQueueUrl")?),
-        ("NIGHTSHIFT_RESULT_DLQ_URL".to_owned(), output("ResultDeadLetterQueueUrl")?),
+        (
+            "NIGHTSHIFT_TASK_QUEUE_URL".to_owned(),
+            output("TaskQueueUrl")?,
+        ),
+        (
+            "NIGHTSHIFT_RESULT_QUEUE_URL".to_owned(),
+            output("ResultQueueUrl")?,
+        ),
+        (
+            "NIGHTSHIFT_TASK_DLQ_URL".to_owned(),
+            output("TaskDeadLetterQueueUrl")?,
+        ),
+        (
+            "NIGHTSHIFT_RESULT_DLQ_URL".to_owned(),
+            output("ResultDeadLetterQueueUrl")?,
+        ),
         ("NIGHTSHIFT_BUCKET".to_owned(), output("PayloadBucketName")?),
-        ("NIGHTSHIFT_LAUNCH_TEMPLATE_ID".to_owned(), output("LaunchTemplateId")?),
+        (
+            "NIGHTSHIFT_LAUNCH_TEMPLATE_ID".to_owned(),
+            output("LaunchTemplateId")?,
+        ),
     ]);
     stack::write_env_file(env_file, &env)?;
     tracing::info!(api = %api_url, env = %env_file.display(), "local stack ready");
@@ -208,7 +290,10 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     Ok(())
 }
 
-async fn start_emulator(options: &ServeOptions, port: u16) -> Result<tokio::process::Child, CliError> {
+async fn start_emulator(
+    options: &ServeOptions,
+    port: u16,
+) -> Result<tokio::process::Child, CliError> {
     let log_path = options.state_dir.join("emulator.log");
     let log = std::fs::File::create(&log_path).map_err(|e| CliError::io(&log_path, e))?;
     let stderr = log.try_clone().map_err(|e| CliError::io(&log_path, e))?;
@@ -218,14 +303,25 @@ async fn start_emulator(options: &ServeOptions, port: u16) -> Result<tokio::proc
         .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| CliError::Local(format!("cannot start the emulator {}: {e}", options.emulator_bin.display())))?;
+        .map_err(|e| {
+            CliError::Local(format!(
+                "cannot start the emulator {}: {e}",
+                options.emulator_bin.display()
+            ))
+        })?;
     for _ in 0..300 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(child);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(CliError::Local(format!("the emulator did not open port {port}; see {}", log_path.display())))
+    Err(CliError::Local(format!(
+        "the emulator did not open port {port}; see {}",
+        log_path.display()
+    )))
 }
 
 async fn dispatch_loop(
@@ -237,7 +333,13 @@ async fn dispatch_loop(
     mut wake: mpsc::Receiver<()>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let dispatcher = Dispatcher { runs: &store, pending: &store, queue: &queue, fleet: &fleet, settings: &settings };
+    let dispatcher = Dispatcher {
+        runs: &store,
+        pending: &store,
+        queue: &queue,
+        fleet: &fleet,
+        settings: &settings,
+    };
     loop {
         let owner = uuid::Uuid::new_v4().to_string();
         match dispatcher.pass(chrono::Utc::now(), &owner).await {
@@ -274,18 +376,27 @@ async fn bind(port: u16) -> Result<tokio::net::TcpListener, CliError> {
         .map_err(|e| CliError::Local(format!("cannot listen on 127.0.0.1:{port}: {e}")))
 }
 
-async fn serve_router(listener: tokio::net::TcpListener, router: Router, mut stop: watch::Receiver<bool>) {
+async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    mut stop: watch::Receiver<bool>,
+) {
     let shutdown = async move {
         let _ = stop.changed().await;
     };
-    if let Err(error) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
+    if let Err(error) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
         tracing::error!(%error, "server stopped");
     }
 }
 
 async fn wait_for_signal() -> Result<(), CliError> {
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| CliError::io(Path::new("signal"), e))?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| CliError::io(Path::new("signal"), e))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| CliError::io(Path::new("signal"), e))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| CliError::io(Path::new("signal"), e))?;
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}

@@ -23,7 +23,12 @@ pub async fn create(
     let parameters: Vec<Parameter> = parameters
         .iter()
         .filter(|(key, _)| declared.contains_key(*key))
-        .map(|(key, value)| Parameter::builder().parameter_key(key).parameter_value(value).build())
+        .map(|(key, value)| {
+            Parameter::builder()
+                .parameter_key(key)
+                .parameter_value(value)
+                .build()
+        })
         .collect();
     client
         .create_stack()
@@ -48,10 +53,14 @@ pub async fn create(
                 return Ok(stack
                     .outputs()
                     .iter()
-                    .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
+                    .filter_map(|o| {
+                        Some((o.output_key()?.to_owned(), o.output_value()?.to_owned()))
+                    })
                     .collect());
             }
-            Some(StackStatus::CreateInProgress) | None => tokio::time::sleep(Duration::from_millis(200)).await,
+            Some(StackStatus::CreateInProgress) | None => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
             Some(other) => {
                 return Err(CliError::Local(format!(
                     "stack {name} ended {other:?}: {}",
@@ -60,7 +69,9 @@ pub async fn create(
             }
         }
     }
-    Err(CliError::Local(format!("stack {name} was not created in time")))
+    Err(CliError::Local(format!(
+        "stack {name} was not created in time"
+    )))
 }
 
 /// Writes `KEY=value` lines atomically: the file appears whole or not at all.

@@ -9,7 +9,11 @@ use serde_json::{Map, Value, json};
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, #[source] source: std::io::Error },
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("template is not valid YAML: {0}")]
     Yaml(#[from] serde_norway::Error),
     #[error("template has no {0}")]
@@ -44,7 +48,9 @@ impl Template {
 
     pub fn parse(text: &str) -> Result<Self, TemplateError> {
         let yaml: serde_norway::Value = serde_norway::from_str(text)?;
-        Ok(Self { document: long_form(yaml) })
+        Ok(Self {
+            document: long_form(yaml),
+        })
     }
 
     fn resources(&self) -> Result<&Map<String, Value>, TemplateError> {
@@ -127,7 +133,9 @@ impl Template {
                 Some(SqsSource {
                     queue,
                     batch_size: properties["BatchSize"].as_u64().unwrap_or(10) as u32,
-                    batching_window_seconds: properties["MaximumBatchingWindowInSeconds"].as_u64().unwrap_or(0),
+                    batching_window_seconds: properties["MaximumBatchingWindowInSeconds"]
+                        .as_u64()
+                        .unwrap_or(0),
                     report_batch_item_failures: properties["FunctionResponseTypes"]
                         .as_array()
                         .is_some_and(|types| types.iter().any(|t| t == "ReportBatchItemFailures")),
@@ -161,7 +169,10 @@ fn long_form(value: serde_norway::Value) -> Value {
                 .map(|(k, v)| {
                     let key = match k {
                         Y::String(s) => s,
-                        other => serde_norway::to_string(&other).unwrap_or_default().trim().to_owned(),
+                        other => serde_norway::to_string(&other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_owned(),
                     };
                     (key, long_form(v))
                 })
@@ -196,13 +207,17 @@ fn refers_to_any(value: &Value, names: &BTreeSet<String>) -> bool {
                 "Fn::GetAtt" => inner[0].as_str().is_some_and(|n| names.contains(n)),
                 "DependsOn" => match inner {
                     Value::String(n) => names.contains(n),
-                    Value::Array(list) => list.iter().any(|n| n.as_str().is_some_and(|n| names.contains(n))),
+                    Value::Array(list) => list
+                        .iter()
+                        .any(|n| n.as_str().is_some_and(|n| names.contains(n))),
                     _ => false,
                 },
                 "Fn::Sub" => {
                     let text = match inner {
                         Value::String(s) => s.as_str(),
-                        Value::Array(parts) => parts.first().and_then(Value::as_str).unwrap_or_default(),
+                        Value::Array(parts) => {
+                            parts.first().and_then(Value::as_str).unwrap_or_default()
+                        }
                         _ => "",
                     };
                     sub_references(text).iter().any(|n| names.contains(n))
@@ -268,8 +283,14 @@ Outputs:
         let stack = template.without_functions().unwrap();
         let resources: Vec<&String> = stack["Resources"].as_object().unwrap().keys().collect();
         assert_eq!(resources, vec!["Queue", "Role"]);
-        assert_eq!(stack["Resources"]["Role"]["Properties"]["Policies"][0]["Resource"], json!({"Fn::GetAtt": ["Queue", "Arn"]}));
-        assert_eq!(stack["Outputs"], json!({"QueueUrl": {"Value": {"Ref": "Queue"}}}));
+        assert_eq!(
+            stack["Resources"]["Role"]["Properties"]["Policies"][0]["Resource"],
+            json!({"Fn::GetAtt": ["Queue", "Arn"]})
+        );
+        assert_eq!(
+            stack["Outputs"],
+            json!({"QueueUrl": {"Value": {"Ref": "Queue"}}})
+        );
         assert!(stack.get("Transform").is_none() && stack.get("Globals").is_none());
     }
 
@@ -278,10 +299,18 @@ Outputs:
         let template = Template::parse(TEMPLATE).unwrap();
         assert_eq!(
             template.sqs_sources("Fn").unwrap(),
-            vec![SqsSource { queue: "Queue".into(), batch_size: 7, batching_window_seconds: 0, report_batch_item_failures: true }]
+            vec![SqsSource {
+                queue: "Queue".into(),
+                batch_size: 7,
+                batching_window_seconds: 0,
+                report_batch_item_failures: true
+            }]
         );
         let defaults = template.parameter_defaults();
-        assert_eq!((defaults["Size"].as_str(), defaults["Types"].as_str()), ("3", "a,b"));
+        assert_eq!(
+            (defaults["Size"].as_str(), defaults["Types"].as_str()),
+            ("3", "a,b")
+        );
     }
 
     #[test]
@@ -289,7 +318,14 @@ Outputs:
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
         let template = Template::load(&path).unwrap();
         let stack = template.without_functions().unwrap();
-        for name in ["TasksTable", "TaskQueue", "TaskDeadLetterQueue", "ResultQueue", "PayloadBucket", "WorkerLaunchTemplate"] {
+        for name in [
+            "TasksTable",
+            "TaskQueue",
+            "TaskDeadLetterQueue",
+            "ResultQueue",
+            "PayloadBucket",
+            "WorkerLaunchTemplate",
+        ] {
             assert!(stack["Resources"].get(name).is_some(), "{name} is kept");
         }
         let sources = template.sqs_sources("CollectorFunction").unwrap();

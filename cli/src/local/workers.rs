@@ -29,17 +29,29 @@ pub struct Registry {
 impl Registry {
     /// Announces a spot interruption to one instance; `false` if unknown.
     pub fn interrupt(&self, instance_id: &str) -> bool {
-        let flags = self.interrupt.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        flags.get(instance_id).map(|flag| flag.store(true, Ordering::SeqCst)).is_some()
+        let flags = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        flags
+            .get(instance_id)
+            .map(|flag| flag.store(true, Ordering::SeqCst))
+            .is_some()
     }
 
     pub fn running(&self) -> Vec<String> {
-        let flags = self.interrupt.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let flags = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         flags.keys().cloned().collect()
     }
 
     fn set(&self, instance_id: &str, flag: Option<Arc<std::sync::atomic::AtomicBool>>) {
-        let mut flags = self.interrupt.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut flags = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match flag {
             Some(flag) => flags.insert(instance_id.to_owned(), flag),
             None => flags.remove(instance_id),
@@ -72,7 +84,9 @@ impl Supervisor {
                                 tracing::info!(instance_id = %id, pid = worker.child.id(), "worker started");
                                 workers.insert(id.clone(), worker);
                             }
-                            Err(error) => tracing::error!(instance_id = %id, %error, "could not start a worker"),
+                            Err(error) => {
+                                tracing::error!(instance_id = %id, %error, "could not start a worker")
+                            }
                         }
                     }
                 }
@@ -94,7 +108,10 @@ impl Supervisor {
             tracing::info!(instance_id = %id, "stopping worker");
         }
         for (_, mut worker) in workers {
-            if tokio::time::timeout(Duration::from_secs(15), worker.child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(15), worker.child.wait())
+                .await
+                .is_err()
+            {
                 let _ = worker.child.kill().await;
             }
             worker.metadata.abort();
@@ -105,8 +122,18 @@ impl Supervisor {
         let output = self
             .ec2
             .describe_instances()
-            .filters(Filter::builder().name("tag:nightshift:role").values("worker").build())
-            .filters(Filter::builder().name("instance-state-name").values("running").build())
+            .filters(
+                Filter::builder()
+                    .name("tag:nightshift:role")
+                    .values("worker")
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("running")
+                    .build(),
+            )
             .send()
             .await?;
         Ok(output
@@ -132,7 +159,8 @@ impl Supervisor {
         if let Some(pid) = child.id() {
             std::fs::write(self.dir.join(format!("{instance_id}.pid")), pid.to_string())?;
         }
-        self.registry.set(instance_id, Some(metadata.interrupted.clone()));
+        self.registry
+            .set(instance_id, Some(metadata.interrupted.clone()));
         Ok(Worker { child, metadata })
     }
 
@@ -153,7 +181,13 @@ impl Supervisor {
             }
             self.registry.set(&id, None);
             let _ = std::fs::remove_file(self.dir.join(format!("{id}.pid")));
-            if let Err(error) = self.ec2.terminate_instances().instance_ids(&id).send().await {
+            if let Err(error) = self
+                .ec2
+                .terminate_instances()
+                .instance_ids(&id)
+                .send()
+                .await
+            {
                 tracing::warn!(instance_id = %id, %error, "could not terminate the instance");
             }
         }

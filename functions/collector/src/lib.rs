@@ -42,7 +42,9 @@ pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Ve
     }
     if !results.is_empty() {
         let batch: Vec<_> = results.iter().map(|(_, r)| r.clone()).collect();
-        let outcomes = AssertUnwindSafe(recorder.record_results(&batch)).catch_unwind().await;
+        let outcomes = AssertUnwindSafe(recorder.record_results(&batch))
+            .catch_unwind()
+            .await;
         match outcomes {
             Ok(Ok(outcomes)) => {
                 for ((message_id, result), outcome) in results.iter().zip(outcomes) {
@@ -70,9 +72,19 @@ pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Ve
 async fn record_one(recorder: &dyn ResultRecorder, envelope: Envelope) -> bool {
     let recorded = AssertUnwindSafe(async {
         match &envelope {
-            Envelope::AttemptFailed(event) => recorder.record_attempt(event, AttemptKind::Failed).await,
-            Envelope::Interrupted(event) => recorder.record_attempt(event, AttemptKind::Interrupted).await,
-            Envelope::Task(task) => recorder.record_dead_letter(&task.task_id, &task.run_id, Utc::now()).await,
+            Envelope::AttemptFailed(event) => {
+                recorder.record_attempt(event, AttemptKind::Failed).await
+            }
+            Envelope::Interrupted(event) => {
+                recorder
+                    .record_attempt(event, AttemptKind::Interrupted)
+                    .await
+            }
+            Envelope::Task(task) => {
+                recorder
+                    .record_dead_letter(&task.task_id, &task.run_id, Utc::now())
+                    .await
+            }
             Envelope::Result(_) => Ok(RecordOutcome::Unknown),
         }
     })

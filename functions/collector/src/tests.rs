@@ -1,7 +1,9 @@
 use chrono::Utc;
 use nightshift_core::fakes::MemoryStore;
 use nightshift_core::ports::{PendingTasks, RunStore, TaskReader, TaskWriter};
-use nightshift_core::{AttemptEvent, Blob, NewTask, TaskMessage, TaskOutcome, TaskResult, TaskStatus};
+use nightshift_core::{
+    AttemptEvent, Blob, NewTask, TaskMessage, TaskOutcome, TaskResult, TaskStatus,
+};
 use serde_json::json;
 
 use super::*;
@@ -34,12 +36,18 @@ fn result(task: &str) -> Envelope {
         attempts: 1,
         started_at: Utc::now(),
         finished_at: Utc::now(),
-        outcome: TaskOutcome::Done { result: Blob::Inline(json!({"v": 1})), summary: "v=1".into() },
+        outcome: TaskOutcome::Done {
+            result: Blob::Inline(json!({"v": 1})),
+            summary: "v=1".into(),
+        },
     })
 }
 
 fn message(id: &str, envelope: &Envelope) -> Incoming {
-    Incoming { message_id: id.into(), body: envelope.to_json() }
+    Incoming {
+        message_id: id.into(),
+        body: envelope.to_json(),
+    }
 }
 
 #[tokio::test]
@@ -53,12 +61,16 @@ async fn a_result_delivered_twice_is_recorded_once() {
     let run = store.run("r1").await.unwrap().unwrap();
     assert_eq!((run.queued, run.done, run.failed), (2, 2, 0));
     let task = store.task("t1").await.unwrap().unwrap();
-    assert_eq!((task.status, task.instance_id.as_deref()), (TaskStatus::Done, Some("i-0abc")));
+    assert_eq!(
+        (task.status, task.instance_id.as_deref()),
+        (TaskStatus::Done, Some("i-0abc"))
+    );
 }
 
 #[tokio::test]
 async fn the_sample_event_parses_and_records() {
-    let event: serde_json::Value = serde_json::from_str(include_str!("../../../events/sqs-results.json")).unwrap();
+    let event: serde_json::Value =
+        serde_json::from_str(include_str!("../../../events/sqs-results.json")).unwrap();
     let messages: Vec<Incoming> = event["Records"]
         .as_array()
         .unwrap()
@@ -90,7 +102,10 @@ async fn only_failed_messages_are_reported() {
     let batch = [
         message("ok", &result("t1")),
         message("early", &result("early")),
-        Incoming { message_id: "garbage".into(), body: "{not json".into() },
+        Incoming {
+            message_id: "garbage".into(),
+            body: "{not json".into(),
+        },
     ];
     let mut retry = collect(&store, &batch).await;
     retry.sort();
@@ -108,7 +123,11 @@ async fn attempts_count_once_and_dead_letters_fail_the_task_with_its_last_error(
         at: Utc::now(),
         error: Some("program exited with 3".into()),
     });
-    assert!(collect(&store, &[message("a", &failed), message("b", &failed)]).await.is_empty());
+    assert!(
+        collect(&store, &[message("a", &failed), message("b", &failed)])
+            .await
+            .is_empty()
+    );
     let dead = Envelope::Task(TaskMessage {
         task_id: "t1".into(),
         run_id: "r1".into(),
@@ -118,7 +137,11 @@ async fn attempts_count_once_and_dead_letters_fail_the_task_with_its_last_error(
         checkpoint_key: None,
         prior_attempts: 0,
     });
-    assert!(collect(&store, &[message("c", &dead), message("d", &dead)]).await.is_empty());
+    assert!(
+        collect(&store, &[message("c", &dead), message("d", &dead)])
+            .await
+            .is_empty()
+    );
     let task = store.task("t1").await.unwrap().unwrap();
     assert_eq!(task.status, TaskStatus::Failed);
     assert_eq!(task.failed_attempts, 1);

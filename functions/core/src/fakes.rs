@@ -18,7 +18,9 @@ use crate::ports::{
 };
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[derive(Debug, Default)]
@@ -62,7 +64,11 @@ impl MemoryStore {
     }
 
     pub fn all_tasks(&self) -> Vec<Task> {
-        lock(&self.state).tasks.values().map(|t| t.task.clone()).collect()
+        lock(&self.state)
+            .tasks
+            .values()
+            .map(|t| t.task.clone())
+            .collect()
     }
 
     fn stored(&self, task: &NewTask) -> StoredTask {
@@ -157,7 +163,11 @@ impl PendingTasks for MemoryStore {
                 id: t.task.id.clone(),
                 account: t.task.account.clone(),
                 kernel: t.task.kernel.clone(),
-                payload: t.task.payload.clone().unwrap_or(crate::Blob::Inline(serde_json::Value::Null)),
+                payload: t
+                    .task
+                    .payload
+                    .clone()
+                    .unwrap_or(crate::Blob::Inline(serde_json::Value::Null)),
             })
             .collect())
     }
@@ -189,7 +199,8 @@ impl ResultRecorder for MemoryStore {
         for result in results {
             let stored = state.tasks.get_mut(&result.task_id);
             let recordable = stored.as_ref().is_some_and(|s| {
-                s.task.status == TaskStatus::Queued && s.task.run_id.as_deref() == Some(&result.run_id)
+                s.task.status == TaskStatus::Queued
+                    && s.task.run_id.as_deref() == Some(&result.run_id)
             });
             if !recordable {
                 outcomes.push(classify(stored.map(|s| &*s), &result.run_id));
@@ -223,7 +234,11 @@ impl ResultRecorder for MemoryStore {
         Ok(outcomes)
     }
 
-    async fn record_attempt(&self, event: &AttemptEvent, kind: AttemptKind) -> Result<RecordOutcome, Error> {
+    async fn record_attempt(
+        &self,
+        event: &AttemptEvent,
+        kind: AttemptKind,
+    ) -> Result<RecordOutcome, Error> {
         let mut state = lock(&self.state);
         let stored = state.tasks.get_mut(&event.task_id);
         match stored {
@@ -246,14 +261,24 @@ impl ResultRecorder for MemoryStore {
         }
     }
 
-    async fn record_dead_letter(&self, task_id: &str, run_id: &str, at: DateTime<Utc>) -> Result<RecordOutcome, Error> {
+    async fn record_dead_letter(
+        &self,
+        task_id: &str,
+        run_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<RecordOutcome, Error> {
         let mut state = lock(&self.state);
         let stored = state.tasks.get_mut(task_id);
         match stored {
-            Some(s) if s.task.status == TaskStatus::Queued && s.task.run_id.as_deref() == Some(run_id) => {
+            Some(s)
+                if s.task.status == TaskStatus::Queued
+                    && s.task.run_id.as_deref() == Some(run_id) =>
+            {
                 s.task.status = TaskStatus::Failed;
                 s.task.finished_at = Some(at);
-                s.task.last_error.get_or_insert_with(|| "no attempt succeeded".to_owned());
+                s.task
+                    .last_error
+                    .get_or_insert_with(|| "no attempt succeeded".to_owned());
                 if let Some(run) = state.runs.get_mut(run_id) {
                     run.failed += 1;
                 }
@@ -272,7 +297,11 @@ impl RunStore for MemoryStore {
 
     async fn current_run(&self) -> Result<Option<Run>, Error> {
         let state = lock(&self.state);
-        Ok(state.current.as_ref().and_then(|id| state.runs.get(id)).cloned())
+        Ok(state
+            .current
+            .as_ref()
+            .and_then(|id| state.runs.get(id))
+            .cloned())
     }
 
     async fn open_run(&self, new_run_id: &str, now: DateTime<Utc>) -> Result<(Run, bool), Error> {
@@ -296,15 +325,29 @@ impl RunStore for MemoryStore {
         Ok((run, true))
     }
 
-    async fn acquire_lease(&self, run_id: &str, owner: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, Error> {
+    async fn acquire_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<bool, Error> {
         let mut state = lock(&self.state);
-        let open = state.runs.get(run_id).is_some_and(|r| r.state == RunState::Open);
-        let free = state.leases.get(run_id).is_none_or(|(_, until)| *until < now);
+        let open = state
+            .runs
+            .get(run_id)
+            .is_some_and(|r| r.state == RunState::Open);
+        let free = state
+            .leases
+            .get(run_id)
+            .is_none_or(|(_, until)| *until < now);
         if !(open && free) {
             return Ok(false);
         }
         let until = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
-        state.leases.insert(run_id.to_owned(), (owner.to_owned(), until));
+        state
+            .leases
+            .insert(run_id.to_owned(), (owner.to_owned(), until));
         Ok(true)
     }
 
@@ -316,7 +359,12 @@ impl RunStore for MemoryStore {
         Ok(())
     }
 
-    async fn record_fleet(&self, run_id: &str, request_number: u32, instance_ids: &[String]) -> Result<(), Error> {
+    async fn record_fleet(
+        &self,
+        run_id: &str,
+        request_number: u32,
+        instance_ids: &[String],
+    ) -> Result<(), Error> {
         let mut state = lock(&self.state);
         let run = state
             .runs
@@ -335,7 +383,11 @@ impl RunStore for MemoryStore {
             return Ok(false);
         }
         state.current = None;
-        let Some(run) = state.runs.get_mut(run_id).filter(|r| r.state == RunState::Open) else {
+        let Some(run) = state
+            .runs
+            .get_mut(run_id)
+            .filter(|r| r.state == RunState::Open)
+        else {
             return Ok(false);
         };
         run.state = RunState::Finished;
@@ -417,9 +469,13 @@ impl Queue for MemoryQueue {
         let mut state = lock(&self.state);
         let mut received = Vec::new();
         while received.len() < max as usize {
-            let Some((id, body, count)) = state.visible.pop_front() else { break };
+            let Some((id, body, count)) = state.visible.pop_front() else {
+                break;
+            };
             let receipt = format!("{id}#{}", count + 1);
-            state.in_flight.insert(receipt.clone(), (id.clone(), body.clone(), count + 1));
+            state
+                .in_flight
+                .insert(receipt.clone(), (id.clone(), body.clone(), count + 1));
             received.push(Received {
                 message_id: id,
                 receipt,
@@ -438,7 +494,11 @@ impl Queue for MemoryQueue {
         Ok(Vec::new())
     }
 
-    async fn change_visibility_batch(&self, receipts: &[String], timeout: Duration) -> Result<Vec<String>, Error> {
+    async fn change_visibility_batch(
+        &self,
+        receipts: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<String>, Error> {
         let mut state = lock(&self.state);
         for receipt in receipts {
             state.visibility_changes.push((receipt.clone(), timeout));

@@ -97,11 +97,9 @@ impl NewTask {
 /// Spreads pending tasks over `shards` index partitions (FNV-1a of the id),
 /// so that a burst of ingest does not land on one hot partition.
 pub fn pending_shard(task_id: &str, shards: u32) -> u32 {
-    let hash = task_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+    let hash = task_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
     (hash % u64::from(shards.max(1))) as u32
 }
 

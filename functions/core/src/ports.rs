@@ -23,7 +23,9 @@ pub trait TaskWriter: Send + Sync {
 pub enum InsertOutcome {
     Inserted,
     /// A task with this id exists; the digest of the request that made it.
-    Exists { request_digest: Option<String> },
+    Exists {
+        request_digest: Option<String>,
+    },
 }
 
 /// Reads tasks (ingest, reports).
@@ -53,10 +55,19 @@ pub trait ResultRecorder: Send + Sync {
     /// Returns one outcome per result, in order.
     async fn record_results(&self, results: &[TaskResult]) -> Result<Vec<RecordOutcome>, Error>;
     /// Counts a failed or interrupted attempt once per event id.
-    async fn record_attempt(&self, event: &AttemptEvent, kind: AttemptKind) -> Result<RecordOutcome, Error>;
+    async fn record_attempt(
+        &self,
+        event: &AttemptEvent,
+        kind: AttemptKind,
+    ) -> Result<RecordOutcome, Error>;
     /// QUEUED → FAILED for a task whose deliveries ran out, keeping the last
     /// error an attempt reported.
-    async fn record_dead_letter(&self, task_id: &str, run_id: &str, at: DateTime<Utc>) -> Result<RecordOutcome, Error>;
+    async fn record_dead_letter(
+        &self,
+        task_id: &str,
+        run_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<RecordOutcome, Error>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,11 +97,22 @@ pub trait RunStore: Send + Sync {
     /// the new run is written only if no other is current). `true` if new.
     async fn open_run(&self, new_run_id: &str, now: DateTime<Utc>) -> Result<(Run, bool), Error>;
     /// Takes the run's dispatch lease if it is free or expired.
-    async fn acquire_lease(&self, run_id: &str, owner: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, Error>;
+    async fn acquire_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<bool, Error>;
     async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), Error>;
     /// Records the instances a fleet request launched; `request_number`
     /// must be the run's current `fleet_requests`, so a request is counted once.
-    async fn record_fleet(&self, run_id: &str, request_number: u32, instance_ids: &[String]) -> Result<(), Error>;
+    async fn record_fleet(
+        &self,
+        run_id: &str,
+        request_number: u32,
+        instance_ids: &[String],
+    ) -> Result<(), Error>;
     /// OPEN → FINISHED, and the run stops being current. `false` if it was
     /// no longer open.
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error>;
@@ -119,7 +141,11 @@ pub trait Queue: Send + Sync {
     async fn send_batch(&self, messages: &[Outgoing]) -> Result<Vec<String>, Error>;
     async fn receive(&self, max: u32, wait: Duration) -> Result<Vec<Received>, Error>;
     async fn delete_batch(&self, receipts: &[String]) -> Result<Vec<String>, Error>;
-    async fn change_visibility_batch(&self, receipts: &[String], timeout: Duration) -> Result<Vec<String>, Error>;
+    async fn change_visibility_batch(
+        &self,
+        receipts: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<String>, Error>;
     async fn visibility_timeout(&self) -> Result<Duration, Error>;
 }
 

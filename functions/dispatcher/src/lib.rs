@@ -89,7 +89,11 @@ impl Dispatcher<'_> {
             run_id: Some(run.id.clone()),
             ..Pass::default()
         };
-        if !self.runs.acquire_lease(&run.id, owner, now, self.settings.lease_ttl).await? {
+        if !self
+            .runs
+            .acquire_lease(&run.id, owner, now, self.settings.lease_ttl)
+            .await?
+        {
             pass.skipped = Some("another dispatcher holds the run's lease");
             return Ok(pass);
         }
@@ -100,9 +104,16 @@ impl Dispatcher<'_> {
         worked.map(|()| pass)
     }
 
-    async fn work(&self, run: &Run, now: DateTime<Utc>, pass: &mut Pass) -> Result<(), DispatchError> {
+    async fn work(
+        &self,
+        run: &Run,
+        now: DateTime<Utc>,
+        pass: &mut Pass,
+    ) -> Result<(), DispatchError> {
         let room = self.settings.max_queued.saturating_sub(run.in_flight());
-        pass.queued = self.queue_pending(&run.id, usize::try_from(room).unwrap_or(usize::MAX)).await?;
+        pass.queued = self
+            .queue_pending(&run.id, usize::try_from(room).unwrap_or(usize::MAX))
+            .await?;
         let run = self.runs.run(&run.id).await?.unwrap_or_else(|| run.clone());
         pass.launched = self.size_fleet(&run).await?;
         if run.in_flight() == 0 && !self.any_pending().await? {
@@ -142,7 +153,11 @@ impl Dispatcher<'_> {
         Ok(queued)
     }
 
-    async fn queue_chunk(&self, run_id: &str, tasks: &[PendingTask]) -> Result<usize, DispatchError> {
+    async fn queue_chunk(
+        &self,
+        run_id: &str,
+        tasks: &[PendingTask],
+    ) -> Result<usize, DispatchError> {
         let messages: Vec<Outgoing> = tasks
             .iter()
             .enumerate()
@@ -168,7 +183,11 @@ impl Dispatcher<'_> {
             .map(|(_, task)| task.id.clone())
             .collect();
         if !failed.is_empty() {
-            tracing::warn!(run_id, failed = failed.len(), "some tasks were not sent; they stay pending");
+            tracing::warn!(
+                run_id,
+                failed = failed.len(),
+                "some tasks were not sent; they stay pending"
+            );
         }
         Ok(self.pending.mark_queued(run_id, &sent).await?.len())
     }
@@ -176,7 +195,10 @@ impl Dispatcher<'_> {
     /// Launches workers for the backlog that the active ones cannot take.
     async fn size_fleet(&self, run: &Run) -> Result<usize, DispatchError> {
         let slots = u64::from(self.settings.slots_per_instance.max(1));
-        let wanted = run.in_flight().div_ceil(slots).min(u64::from(self.settings.max_instances));
+        let wanted = run
+            .in_flight()
+            .div_ceil(slots)
+            .min(u64::from(self.settings.max_instances));
         let active = self.fleet.active_instances(&run.id).await?.len() as u64;
         if wanted <= active {
             return Ok(0);
@@ -184,7 +206,9 @@ impl Dispatcher<'_> {
         let count = u32::try_from(wanted - active).unwrap_or(u32::MAX);
         let token = format!("{}-{}", run.id, run.fleet_requests);
         let launched = self.fleet.launch(&run.id, count, &token).await?;
-        self.runs.record_fleet(&run.id, run.fleet_requests, &launched).await?;
+        self.runs
+            .record_fleet(&run.id, run.fleet_requests, &launched)
+            .await?;
         tracing::info!(run_id = %run.id, requested = count, launched = launched.len(), "spot workers launched");
         Ok(launched.len())
     }

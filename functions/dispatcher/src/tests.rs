@@ -74,12 +74,29 @@ async fn pending_tasks_are_queued_in_batches_of_ten_and_workers_launched() {
     let pass = world.dispatcher().pass(Utc::now(), "d1").await.unwrap();
     assert_eq!(pass.queued, 25);
     assert_eq!(world.queued_task_ids().len(), 25);
-    assert!(world.queue.send_calls() <= 25_usize.div_ceil(10) + 4, "batched sends");
+    assert!(
+        world.queue.send_calls() <= 25_usize.div_ceil(10) + 4,
+        "batched sends"
+    );
     // 25 tasks, 2 slots each, capped at 3 instances.
     assert_eq!(pass.launched, 3);
-    let run = world.store.run(pass.run_id.as_deref().unwrap()).await.unwrap().unwrap();
-    assert_eq!((run.queued, run.instances.len(), run.fleet_requests), (25, 3, 1));
-    assert!(world.store.all_tasks().iter().all(|t| t.status == TaskStatus::Queued));
+    let run = world
+        .store
+        .run(pass.run_id.as_deref().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (run.queued, run.instances.len(), run.fleet_requests),
+        (25, 3, 1)
+    );
+    assert!(
+        world
+            .store
+            .all_tasks()
+            .iter()
+            .all(|t| t.status == TaskStatus::Queued)
+    );
 }
 
 #[tokio::test]
@@ -105,21 +122,50 @@ async fn a_held_lease_makes_a_pass_skip() {
     let world = World::new(1000);
     world.add_tasks(1).await;
     let (run, _) = world.store.open_run("r1", Utc::now()).await.unwrap();
-    assert!(world.store.acquire_lease(&run.id, "other", Utc::now(), Duration::from_secs(60)).await.unwrap());
+    assert!(
+        world
+            .store
+            .acquire_lease(&run.id, "other", Utc::now(), Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
     let pass = world.dispatcher().pass(Utc::now(), "me").await.unwrap();
-    assert_eq!(pass.skipped, Some("another dispatcher holds the run's lease"));
+    assert_eq!(
+        pass.skipped,
+        Some("another dispatcher holds the run's lease")
+    );
     assert!(world.queue.sent().is_empty());
     // Once the lease has expired, the next pass proceeds.
     let later = Utc::now() + chrono::Duration::seconds(61);
-    assert_eq!(world.dispatcher().pass(later, "me").await.unwrap().queued, 1);
+    assert_eq!(
+        world.dispatcher().pass(later, "me").await.unwrap().queued,
+        1
+    );
 }
 
 #[tokio::test]
 async fn the_backlog_is_capped_and_the_rest_waits_for_room() {
     let world = World::new(10);
     world.add_tasks(25).await;
-    assert_eq!(world.dispatcher().pass(Utc::now(), "d").await.unwrap().queued, 10);
-    assert_eq!(world.dispatcher().pass(Utc::now(), "d").await.unwrap().queued, 0, "no room yet");
+    assert_eq!(
+        world
+            .dispatcher()
+            .pass(Utc::now(), "d")
+            .await
+            .unwrap()
+            .queued,
+        10
+    );
+    assert_eq!(
+        world
+            .dispatcher()
+            .pass(Utc::now(), "d")
+            .await
+            .unwrap()
+            .queued,
+        0,
+        "no room yet"
+    );
 }
 
 #[tokio::test]
@@ -131,7 +177,12 @@ async fn lost_workers_are_replaced_while_work_remains() {
     world.fleet.lose(&lost);
     let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
     assert_eq!(pass.launched, 1);
-    let run = world.store.run(pass.run_id.as_deref().unwrap()).await.unwrap().unwrap();
+    let run = world
+        .store
+        .run(pass.run_id.as_deref().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((run.fleet_requests, run.instances.len()), (2, 4));
 }
 
@@ -155,7 +206,10 @@ async fn a_run_closes_when_every_task_ended_and_nothing_is_pending() {
             attempts: 1,
             started_at: Utc::now(),
             finished_at: Utc::now(),
-            outcome: TaskOutcome::Done { result: Blob::Inline(json!(1)), summary: "ok".into() },
+            outcome: TaskOutcome::Done {
+                result: Blob::Inline(json!(1)),
+                summary: "ok".into(),
+            },
         })
         .collect();
     world.store.record_results(&results).await.unwrap();

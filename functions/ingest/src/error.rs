@@ -30,21 +30,38 @@ impl ApiError {
         self
     }
 
-    pub fn invalid(code: &'static str, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn invalid(
+        code: &'static str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message).at(field)
     }
 
     pub fn not_found(what: &str, id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no {what} with id {id}")).at("id")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {what} with id {id}"),
+        )
+        .at("id")
     }
 
     /// A backing service failed: logged here, a generic answer to the caller.
     pub fn from_store(error: nightshift_core::Error) -> Self {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "store call failed");
         if error.is_retryable() {
-            Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a backing service is unavailable; retry later")
+            Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "a backing service is unavailable; retry later",
+            )
         } else {
-            Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
         }
     }
 }

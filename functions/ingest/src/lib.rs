@@ -42,7 +42,10 @@ pub struct Api {
 /// The request body limit: a full batch of the largest payloads, with room
 /// for the envelope; anything larger is refused before it is read.
 fn body_limit(limits: &Limits) -> usize {
-    limits.max_payload_bytes.saturating_add(1 << 20).max(8 << 20)
+    limits
+        .max_payload_bytes
+        .saturating_add(1 << 20)
+        .max(8 << 20)
 }
 
 pub fn router(api: Api) -> Router {
@@ -53,7 +56,13 @@ pub fn router(api: Api) -> Router {
         .route("/runs", post(report::start_run))
         .route("/runs/{id}", get(report::show_run))
         .route("/runs/{id}/report", get(report::run_report))
-        .fallback(|| async { ApiError::new(axum::http::StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "no_route",
+                "no such route",
+            )
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(Arc::new(api))
 }

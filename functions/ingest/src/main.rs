@@ -18,13 +18,23 @@ async fn main() -> Result<(), lambda_http::Error> {
     let max_payload_bytes = config::parsed_or("NIGHTSHIFT_MAX_PAYLOAD_BYTES", 6 * 1024 * 1024)?;
 
     let aws = aws_config::load_from_env().await;
-    let store = Arc::new(DynamoStore::new(nightshift_core::aws::dynamodb::Client::new(&aws), table, shards));
+    let store = Arc::new(DynamoStore::new(
+        nightshift_core::aws::dynamodb::Client::new(&aws),
+        table,
+        shards,
+    ));
     let api = Api {
         writer: store.clone(),
         reader: store.clone(),
         runs: store,
-        blobs: Arc::new(S3Blobs::new(nightshift_core::aws::s3::Client::new(&aws), bucket)),
-        trigger: Arc::new(LambdaTrigger::new(aws_sdk_lambda::Client::new(&aws), dispatcher)),
+        blobs: Arc::new(S3Blobs::new(
+            nightshift_core::aws::s3::Client::new(&aws),
+            bucket,
+        )),
+        trigger: Arc::new(LambdaTrigger::new(
+            aws_sdk_lambda::Client::new(&aws),
+            dispatcher,
+        )),
         limits: Limits::with_builtin_kernels(max_payload_bytes),
         inline_limit,
     };

@@ -18,7 +18,11 @@ use crate::error::ApiError;
 /// dispatcher. 201 for a new run, 200 for the one already open.
 pub async fn start_run(State(api): State<Arc<Api>>) -> Result<(StatusCode, Json<Value>), ApiError> {
     let new_id = uuid::Uuid::new_v4().to_string();
-    let (run, created) = api.runs.open_run(&new_id, Utc::now()).await.map_err(ApiError::from_store)?;
+    let (run, created) = api
+        .runs
+        .open_run(&new_id, Utc::now())
+        .await
+        .map_err(ApiError::from_store)?;
     // The schedule would reach the run anyway; waking the dispatcher only
     // makes it sooner, so a failure here is logged, not returned.
     let dispatch = match api.trigger.dispatch_soon(&run.id).await {
@@ -28,11 +32,21 @@ pub async fn start_run(State(api): State<Arc<Api>>) -> Result<(StatusCode, Json<
             "scheduled"
         }
     };
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(json!({ "run": run, "created": created, "dispatch": dispatch }))))
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "run": run, "created": created, "dispatch": dispatch })),
+    ))
 }
 
-pub async fn show_run(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Result<Json<Run>, ApiError> {
+pub async fn show_run(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<Json<Run>, ApiError> {
     api.runs
         .run(&id)
         .await
@@ -61,14 +75,21 @@ struct WorkerLine {
     busy_ms: u64,
 }
 
-pub async fn run_report(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn run_report(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let run = api
         .runs
         .run(&id)
         .await
         .map_err(ApiError::from_store)?
         .ok_or_else(|| ApiError::not_found("run", &id))?;
-    let mut tasks = api.reader.run_tasks(&id).await.map_err(ApiError::from_store)?;
+    let mut tasks = api
+        .reader
+        .run_tasks(&id)
+        .await
+        .map_err(ApiError::from_store)?;
     tasks.sort_by(|a, b| (&a.account, &a.id).cmp(&(&b.account, &b.id)));
     let mut workers: BTreeMap<String, WorkerLine> = BTreeMap::new();
     for task in &tasks {

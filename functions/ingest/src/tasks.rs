@@ -50,7 +50,11 @@ pub async fn create(
     let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
     tracing::info!(tasks = ids.len(), created, "tasks accepted");
     // A request whose every task already existed is a retry: 200, not 201.
-    let status = if created == 0 { StatusCode::OK } else { StatusCode::CREATED };
+    let status = if created == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     Ok((status, Json(json!({ "task_ids": ids, "created": created }))))
 }
 
@@ -60,7 +64,10 @@ fn new_task(request: &TaskRequest, now: chrono::DateTime<Utc>) -> NewTask {
         request_digest: digest(request),
     });
     let id = match &request.idempotency_key {
-        Some(key) => Uuid::new_v5(&TASK_ID_NAMESPACE, format!("{}\0{key}", request.account).as_bytes()),
+        Some(key) => Uuid::new_v5(
+            &TASK_ID_NAMESPACE,
+            format!("{}\0{key}", request.account).as_bytes(),
+        ),
         None => Uuid::new_v4(),
     };
     NewTask {
@@ -84,9 +91,17 @@ fn digest(request: &TaskRequest) -> String {
 /// used for different work.
 async fn reject_conflicting_keys(api: &Api, tasks: &[NewTask]) -> Result<(), ApiError> {
     for (i, task) in tasks.iter().enumerate() {
-        let Some(idempotency) = &task.idempotency else { continue };
-        let existing = api.reader.task(&task.id).await.map_err(ApiError::from_store)?;
-        if existing.is_some_and(|e| e.request_digest.as_deref() != Some(idempotency.request_digest.as_str())) {
+        let Some(idempotency) = &task.idempotency else {
+            continue;
+        };
+        let existing = api
+            .reader
+            .task(&task.id)
+            .await
+            .map_err(ApiError::from_store)?;
+        if existing.is_some_and(|e| {
+            e.request_digest.as_deref() != Some(idempotency.request_digest.as_str())
+        }) {
             return Err(conflict(i, tasks.len()));
         }
     }
@@ -94,7 +109,11 @@ async fn reject_conflicting_keys(api: &Api, tasks: &[NewTask]) -> Result<(), Api
 }
 
 fn conflict(index: usize, batch: usize) -> ApiError {
-    let field = if batch == 1 && index == 0 { "idempotency_key".to_owned() } else { format!("tasks[{index}].idempotency_key") };
+    let field = if batch == 1 && index == 0 {
+        "idempotency_key".to_owned()
+    } else {
+        format!("tasks[{index}].idempotency_key")
+    };
     ApiError::new(
         StatusCode::CONFLICT,
         "idempotency_conflict",
@@ -104,7 +123,11 @@ fn conflict(index: usize, batch: usize) -> ApiError {
 }
 
 /// Moves payloads over the inline limit to the bucket; returns their keys.
-async fn store_large_payloads(api: &Api, requests: &[TaskRequest], tasks: &mut [NewTask]) -> Result<Vec<String>, ApiError> {
+async fn store_large_payloads(
+    api: &Api,
+    requests: &[TaskRequest],
+    tasks: &mut [NewTask],
+) -> Result<Vec<String>, ApiError> {
     let mut keys: Vec<String> = Vec::new();
     for (request, task) in requests.iter().zip(tasks.iter_mut()) {
         if request.payload_bytes <= api.inline_limit {
@@ -126,12 +149,21 @@ async fn store_large_payloads(api: &Api, requests: &[TaskRequest], tasks: &mut [
 
 /// Writes the tasks; returns how many are new.
 async fn write_tasks(api: &Api, tasks: &[NewTask]) -> Result<usize, ApiError> {
-    let (keyed, plain): (Vec<&NewTask>, Vec<&NewTask>) = tasks.iter().partition(|t| t.idempotency.is_some());
+    let (keyed, plain): (Vec<&NewTask>, Vec<&NewTask>) =
+        tasks.iter().partition(|t| t.idempotency.is_some());
     let plain: Vec<NewTask> = plain.into_iter().cloned().collect();
-    api.writer.insert_tasks(&plain).await.map_err(ApiError::from_store)?;
+    api.writer
+        .insert_tasks(&plain)
+        .await
+        .map_err(ApiError::from_store)?;
     let mut created = plain.len();
     for (i, task) in keyed.into_iter().enumerate() {
-        match api.writer.insert_task_once(task).await.map_err(ApiError::from_store)? {
+        match api
+            .writer
+            .insert_task_once(task)
+            .await
+            .map_err(ApiError::from_store)?
+        {
             InsertOutcome::Inserted => created += 1,
             InsertOutcome::Exists { request_digest } => {
                 let mine = task.idempotency.as_ref().map(|i| i.request_digest.as_str());
@@ -144,7 +176,10 @@ async fn write_tasks(api: &Api, tasks: &[NewTask]) -> Result<usize, ApiError> {
     Ok(created)
 }
 
-pub async fn show(State(api): State<Arc<Api>>, Path(id): Path<String>) -> Result<Json<Task>, ApiError> {
+pub async fn show(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<Json<Task>, ApiError> {
     api.reader
         .task(&id)
         .await

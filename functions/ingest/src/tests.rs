@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use nightshift_core::fakes::{MemoryBlobs, MemoryStore};
 use nightshift_core::Blob;
+use nightshift_core::fakes::{MemoryBlobs, MemoryStore};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -49,7 +49,12 @@ fn fixture() -> Fixture {
         limits,
         inline_limit: 100,
     });
-    Fixture { store, blobs, trigger, router }
+    Fixture {
+        store,
+        blobs,
+        trigger,
+        router,
+    }
 }
 
 async fn call(router: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, Value) {
@@ -62,7 +67,10 @@ async fn call(router: &Router, method: &str, uri: &str, body: &str) -> (StatusCo
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -76,9 +84,18 @@ async fn a_batch_is_written_and_each_task_can_be_read_back() {
     assert_eq!(status, StatusCode::CREATED);
     let ids = answer["task_ids"].as_array().unwrap();
     assert_eq!(ids.len(), 2);
-    let (status, task) = call(&f.router, "GET", &format!("/tasks/{}", ids[1].as_str().unwrap()), "").await;
+    let (status, task) = call(
+        &f.router,
+        "GET",
+        &format!("/tasks/{}", ids[1].as_str().unwrap()),
+        "",
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((task["account"].as_str(), task["status"].as_str()), (Some("a2"), Some("PENDING")));
+    assert_eq!(
+        (task["account"].as_str(), task["status"].as_str()),
+        (Some("a2"), Some("PENDING"))
+    );
     assert_eq!(f.store.all_tasks().len(), 2);
 }
 
@@ -90,7 +107,9 @@ async fn a_payload_over_the_inline_limit_goes_to_the_bucket() {
     let (status, _) = call(&f.router, "POST", "/tasks", &body.to_string()).await;
     assert_eq!(status, StatusCode::CREATED);
     let task = &f.store.all_tasks()[0];
-    let Some(Blob::Stored { key }) = &task.payload else { panic!("expected a claim check, got {:?}", task.payload) };
+    let Some(Blob::Stored { key }) = &task.payload else {
+        panic!("expected a claim check, got {:?}", task.payload)
+    };
     assert_eq!(f.blobs.keys(), vec![key.clone()]);
 }
 
@@ -111,7 +130,11 @@ async fn an_idempotency_key_makes_a_retry_return_the_same_task() {
     let (status, error) = call(&f.router, "POST", "/tasks", &reuse.to_string()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(error["error"]["field"], "tasks[1].idempotency_key");
-    assert_eq!(f.store.all_tasks().len(), 1, "nothing of the refused request is written");
+    assert_eq!(
+        f.store.all_tasks().len(),
+        1,
+        "nothing of the refused request is written"
+    );
 }
 
 #[tokio::test]
@@ -120,15 +143,69 @@ async fn bad_input_is_refused_with_a_json_error_and_nothing_written() {
     let too_many = json!({"tasks": vec![json!({"account": "a", "payload": 1}); 6]}).to_string();
     let huge = json!({"account": "a", "payload": "x".repeat(5000)}).to_string();
     let cases = [
-        ("POST", "/tasks", "not json", StatusCode::BAD_REQUEST, "malformed_json"),
-        ("POST", "/tasks", r#"{"account":"a"}"#, StatusCode::UNPROCESSABLE_ENTITY, "missing_field"),
-        ("POST", "/tasks", r#"{"account":"a","payload":1,"kernel":"nope"}"#, StatusCode::UNPROCESSABLE_ENTITY, "unknown_kernel"),
-        ("POST", "/tasks", r#"{"tasks":[]}"#, StatusCode::UNPROCESSABLE_ENTITY, "empty_batch"),
-        ("POST", "/tasks", too_many.as_str(), StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large"),
-        ("POST", "/tasks", huge.as_str(), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-        ("GET", "/tasks/missing", "", StatusCode::NOT_FOUND, "not_found"),
-        ("GET", "/runs/missing", "", StatusCode::NOT_FOUND, "not_found"),
-        ("GET", "/runs/missing/report", "", StatusCode::NOT_FOUND, "not_found"),
+        (
+            "POST",
+            "/tasks",
+            "not json",
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "POST",
+            "/tasks",
+            r#"{"account":"a"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing_field",
+        ),
+        (
+            "POST",
+            "/tasks",
+            r#"{"account":"a","payload":1,"kernel":"nope"}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_kernel",
+        ),
+        (
+            "POST",
+            "/tasks",
+            r#"{"tasks":[]}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty_batch",
+        ),
+        (
+            "POST",
+            "/tasks",
+            too_many.as_str(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+        ),
+        (
+            "POST",
+            "/tasks",
+            huge.as_str(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "GET",
+            "/tasks/missing",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/runs/missing",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "GET",
+            "/runs/missing/report",
+            "",
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
         ("DELETE", "/tasks", "", StatusCode::METHOD_NOT_ALLOWED, ""),
     ];
     for (method, uri, body, status, code) in cases {
@@ -151,10 +228,16 @@ async fn starting_a_run_twice_returns_the_open_run_and_wakes_the_dispatcher() {
     assert_eq!((first, second), (StatusCode::CREATED, StatusCode::OK));
     assert_eq!(one["run"]["id"], two["run"]["id"]);
     let run_id = one["run"]["id"].as_str().unwrap().to_owned();
-    assert_eq!(f.trigger.runs.lock().unwrap().clone(), vec![run_id.clone(), run_id.clone()]);
+    assert_eq!(
+        f.trigger.runs.lock().unwrap().clone(),
+        vec![run_id.clone(), run_id.clone()]
+    );
 
     let (status, run) = call(&f.router, "GET", &format!("/runs/{run_id}"), "").await;
-    assert_eq!((status, run["state"].as_str()), (StatusCode::OK, Some("OPEN")));
+    assert_eq!(
+        (status, run["state"].as_str()),
+        (StatusCode::OK, Some("OPEN"))
+    );
     let (status, report) = call(&f.router, "GET", &format!("/runs/{run_id}/report"), "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(report["tasks"], json!([]));
@@ -165,11 +248,26 @@ async fn starting_a_run_twice_returns_the_open_run_and_wakes_the_dispatcher() {
 async fn sample_api_gateway_events_reach_the_router() {
     let f = fixture();
     for (event, expected) in [
-        (include_str!("../../../events/post-tasks.json"), StatusCode::CREATED),
-        (include_str!("../../../events/post-runs.json"), StatusCode::CREATED),
-        (include_str!("../../../events/get-task.json"), StatusCode::NOT_FOUND),
-        (include_str!("../../../events/get-run.json"), StatusCode::NOT_FOUND),
-        (include_str!("../../../events/get-run-report.json"), StatusCode::NOT_FOUND),
+        (
+            include_str!("../../../events/post-tasks.json"),
+            StatusCode::CREATED,
+        ),
+        (
+            include_str!("../../../events/post-runs.json"),
+            StatusCode::CREATED,
+        ),
+        (
+            include_str!("../../../events/get-task.json"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            include_str!("../../../events/get-run.json"),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            include_str!("../../../events/get-run-report.json"),
+            StatusCode::NOT_FOUND,
+        ),
     ] {
         let request: lambda_http::request::LambdaRequest = serde_json::from_str(event).unwrap();
         let request: lambda_http::Request = request.into();

@@ -43,29 +43,57 @@ const TASK_FIELDS: [&str; 4] = ["account", "payload", "kernel", "idempotency_key
 /// Parses `POST /tasks`: one task object, or `{"tasks": [...]}`.
 pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, ApiError> {
     let document: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not valid JSON: {e}"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("body is not valid JSON: {e}"),
+        )
     })?;
     let Value::Object(object) = document else {
-        return Err(ApiError::invalid("invalid_type", "", "body must be a JSON object"));
+        return Err(ApiError::invalid(
+            "invalid_type",
+            "",
+            "body must be a JSON object",
+        ));
     };
     let Some(tasks) = object.get("tasks") else {
         return Ok(vec![parse_task(&object, "", limits)?]);
     };
     if object.len() > 1 {
-        let extra = object.keys().find(|k| *k != "tasks").cloned().unwrap_or_default();
-        return Err(ApiError::invalid("unknown_field", extra, "a batch body holds only `tasks`"));
+        let extra = object
+            .keys()
+            .find(|k| *k != "tasks")
+            .cloned()
+            .unwrap_or_default();
+        return Err(ApiError::invalid(
+            "unknown_field",
+            extra,
+            "a batch body holds only `tasks`",
+        ));
     }
     let Value::Array(tasks) = tasks else {
-        return Err(ApiError::invalid("invalid_type", "tasks", "tasks must be an array"));
+        return Err(ApiError::invalid(
+            "invalid_type",
+            "tasks",
+            "tasks must be an array",
+        ));
     };
     if tasks.is_empty() {
-        return Err(ApiError::invalid("empty_batch", "tasks", "tasks must hold at least one task"));
+        return Err(ApiError::invalid(
+            "empty_batch",
+            "tasks",
+            "tasks must hold at least one task",
+        ));
     }
     if tasks.len() > limits.max_batch {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
-            format!("a batch holds at most {} tasks, this one {}", limits.max_batch, tasks.len()),
+            format!(
+                "a batch holds at most {} tasks, this one {}",
+                limits.max_batch,
+                tasks.len()
+            ),
         )
         .at("tasks"));
     }
@@ -76,7 +104,11 @@ pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, Api
             let prefix = format!("tasks[{i}].");
             match task {
                 Value::Object(object) => parse_task(object, &prefix, limits),
-                _ => Err(ApiError::invalid("invalid_type", format!("tasks[{i}]"), "each task must be an object")),
+                _ => Err(ApiError::invalid(
+                    "invalid_type",
+                    format!("tasks[{i}]"),
+                    "each task must be an object",
+                )),
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -84,9 +116,17 @@ pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, Api
     Ok(parsed)
 }
 
-fn parse_task(object: &Map<String, Value>, prefix: &str, limits: &Limits) -> Result<TaskRequest, ApiError> {
+fn parse_task(
+    object: &Map<String, Value>,
+    prefix: &str,
+    limits: &Limits,
+) -> Result<TaskRequest, ApiError> {
     if let Some(unknown) = object.keys().find(|k| !TASK_FIELDS.contains(&k.as_str())) {
-        return Err(ApiError::invalid("unknown_field", format!("{prefix}{unknown}"), format!("unknown field `{unknown}`")));
+        return Err(ApiError::invalid(
+            "unknown_field",
+            format!("{prefix}{unknown}"),
+            format!("unknown field `{unknown}`"),
+        ));
     }
     let account = required_string(object, "account", prefix)?;
     if account.len() > MAX_ACCOUNT_LEN || account.chars().any(char::is_control) {
@@ -98,7 +138,11 @@ fn parse_task(object: &Map<String, Value>, prefix: &str, limits: &Limits) -> Res
     }
     let payload = match object.get("payload") {
         None | Some(Value::Null) => {
-            return Err(ApiError::invalid("missing_field", format!("{prefix}payload"), "payload is required"));
+            return Err(ApiError::invalid(
+                "missing_field",
+                format!("{prefix}payload"),
+                "payload is required",
+            ));
         }
         Some(payload) => payload.clone(),
     };
@@ -107,20 +151,30 @@ fn parse_task(object: &Map<String, Value>, prefix: &str, limits: &Limits) -> Res
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("payload is {payload_bytes} bytes, the limit is {}", limits.max_payload_bytes),
+            format!(
+                "payload is {payload_bytes} bytes, the limit is {}",
+                limits.max_payload_bytes
+            ),
         )
         .at(format!("{prefix}payload")));
     }
-    let kernel = optional_string(object, "kernel", prefix)?.unwrap_or_else(|| limits.default_kernel.clone());
+    let kernel =
+        optional_string(object, "kernel", prefix)?.unwrap_or_else(|| limits.default_kernel.clone());
     if !limits.kernels.contains(&kernel) {
         return Err(ApiError::invalid(
             "unknown_kernel",
             format!("{prefix}kernel"),
-            format!("unknown kernel `{kernel}`; known: {}", limits.kernels.join(", ")),
+            format!(
+                "unknown kernel `{kernel}`; known: {}",
+                limits.kernels.join(", ")
+            ),
         ));
     }
     let idempotency_key = optional_string(object, "idempotency_key", prefix)?;
-    if idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN) {
+    if idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_KEY_LEN)
+    {
         return Err(ApiError::invalid(
             "invalid_value",
             format!("{prefix}idempotency_key"),
@@ -136,19 +190,39 @@ fn parse_task(object: &Map<String, Value>, prefix: &str, limits: &Limits) -> Res
     })
 }
 
-fn required_string(object: &Map<String, Value>, name: &str, prefix: &str) -> Result<String, ApiError> {
+fn required_string(
+    object: &Map<String, Value>,
+    name: &str,
+    prefix: &str,
+) -> Result<String, ApiError> {
     match optional_string(object, name, prefix)? {
         Some(value) if !value.trim().is_empty() => Ok(value),
-        Some(_) => Err(ApiError::invalid("invalid_value", format!("{prefix}{name}"), format!("{name} must not be empty"))),
-        None => Err(ApiError::invalid("missing_field", format!("{prefix}{name}"), format!("{name} is required"))),
+        Some(_) => Err(ApiError::invalid(
+            "invalid_value",
+            format!("{prefix}{name}"),
+            format!("{name} must not be empty"),
+        )),
+        None => Err(ApiError::invalid(
+            "missing_field",
+            format!("{prefix}{name}"),
+            format!("{name} is required"),
+        )),
     }
 }
 
-fn optional_string(object: &Map<String, Value>, name: &str, prefix: &str) -> Result<Option<String>, ApiError> {
+fn optional_string(
+    object: &Map<String, Value>,
+    name: &str,
+    prefix: &str,
+) -> Result<Option<String>, ApiError> {
     match object.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(value)) => Ok(Some(value.clone())),
-        Some(_) => Err(ApiError::invalid("invalid_type", format!("{prefix}{name}"), format!("{name} must be a string"))),
+        Some(_) => Err(ApiError::invalid(
+            "invalid_type",
+            format!("{prefix}{name}"),
+            format!("{name} must be a string"),
+        )),
     }
 }
 
@@ -204,20 +278,48 @@ mod tests {
     fn each_mistake_names_its_field_and_code() {
         let cases = [
             (json!({"payload": 1}), "missing_field", "account"),
-            (json!({"account": 7, "payload": 1}), "invalid_type", "account"),
+            (
+                json!({"account": 7, "payload": 1}),
+                "invalid_type",
+                "account",
+            ),
             (json!({"account": "a"}), "missing_field", "payload"),
-            (json!({"account": "a", "payload": 1, "kernel": "rm -rf"}), "unknown_kernel", "kernel"),
-            (json!({"account": "a", "payload": 1, "colour": "red"}), "unknown_field", "colour"),
+            (
+                json!({"account": "a", "payload": 1, "kernel": "rm -rf"}),
+                "unknown_kernel",
+                "kernel",
+            ),
+            (
+                json!({"account": "a", "payload": 1, "colour": "red"}),
+                "unknown_field",
+                "colour",
+            ),
             (json!({"tasks": []}), "empty_batch", "tasks"),
             (json!({"tasks": {}}), "invalid_type", "tasks"),
-            (json!({"tasks": [{"account": "a", "payload": 1}, 5]}), "invalid_type", "tasks[1]"),
-            (json!({"tasks": [{"account": "a", "payload": 1}, {"account": " ", "payload": 1}]}), "invalid_value", "tasks[1].account"),
-            (json!({"tasks": [{"account": "a", "payload": 1, "idempotency_key": "k"},
-                              {"account": "a", "payload": 2, "idempotency_key": "k"}]}), "duplicate_idempotency_key", "tasks[1].idempotency_key"),
+            (
+                json!({"tasks": [{"account": "a", "payload": 1}, 5]}),
+                "invalid_type",
+                "tasks[1]",
+            ),
+            (
+                json!({"tasks": [{"account": "a", "payload": 1}, {"account": " ", "payload": 1}]}),
+                "invalid_value",
+                "tasks[1].account",
+            ),
+            (
+                json!({"tasks": [{"account": "a", "payload": 1, "idempotency_key": "k"},
+                              {"account": "a", "payload": 2, "idempotency_key": "k"}]}),
+                "duplicate_idempotency_key",
+                "tasks[1].idempotency_key",
+            ),
         ];
         for (body, code, field) in cases {
             let error = error_of(body.clone());
-            assert_eq!((error.code, error.field.as_deref()), (code, Some(field)), "{body}");
+            assert_eq!(
+                (error.code, error.field.as_deref()),
+                (code, Some(field)),
+                "{body}"
+            );
             assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         }
     }
@@ -226,15 +328,24 @@ mod tests {
     fn size_limits_answer_413() {
         let big = json!({"account": "a", "payload": "x".repeat(200)});
         let error = error_of(big);
-        assert_eq!((error.status, error.code), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+        assert_eq!(
+            (error.status, error.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        );
         let many = json!({"tasks": vec![json!({"account": "a", "payload": 1}); 4]});
         let error = error_of(many);
-        assert_eq!((error.status, error.code), (StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large"));
+        assert_eq!(
+            (error.status, error.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large")
+        );
     }
 
     #[test]
     fn malformed_json_is_a_400() {
         let error = parse_tasks(b"{\"account\":", &limits()).unwrap_err();
-        assert_eq!((error.status, error.code), (StatusCode::BAD_REQUEST, "malformed_json"));
+        assert_eq!(
+            (error.status, error.code),
+            (StatusCode::BAD_REQUEST, "malformed_json")
+        );
     }
 }

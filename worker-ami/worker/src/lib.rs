@@ -75,7 +75,9 @@ struct Held {
 
 impl Held {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Control>> {
-        self.messages.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -98,14 +100,33 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(ports: Ports, registry: Registry, settings: Settings) -> Self {
-        Self { ports, registry, settings }
+        Self {
+            ports,
+            registry,
+            settings,
+        }
     }
 
     /// Runs until idle, interrupted, or `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<Exit, WorkerError> {
-        let instance_id = self.ports.metadata.instance_id().await.map_err(WorkerError::Start)?;
-        let visibility = self.ports.tasks.visibility_timeout().await.map_err(WorkerError::Start)?;
-        tracing::info!(instance_id, slots = self.settings.slots, visibility_s = visibility.as_secs(), "worker started");
+        let instance_id = self
+            .ports
+            .metadata
+            .instance_id()
+            .await
+            .map_err(WorkerError::Start)?;
+        let visibility = self
+            .ports
+            .tasks
+            .visibility_timeout()
+            .await
+            .map_err(WorkerError::Start)?;
+        tracing::info!(
+            instance_id,
+            slots = self.settings.slots,
+            visibility_s = visibility.as_secs(),
+            "worker started"
+        );
         let held = Arc::new(Held::default());
         let context = Arc::new(Context {
             send_result: queue_sender(self.ports.results.clone()),
@@ -116,7 +137,11 @@ impl Worker {
             settings: self.settings,
             instance_id,
         });
-        let heartbeat = tokio::spawn(heartbeat(context.ports.tasks.clone(), held.clone(), visibility));
+        let heartbeat = tokio::spawn(heartbeat(
+            context.ports.tasks.clone(),
+            held.clone(),
+            visibility,
+        ));
         let (interrupt_tx, mut interrupted) = watch::channel(false);
         let spot_watch = tokio::spawn(watch_spot(context.clone(), interrupt_tx));
 
@@ -203,14 +228,24 @@ async fn finish(exit: Exit, context: &Context, held: &Held) -> Exit {
     if !leftover.is_empty() {
         // Anything not handed back is made visible again at once.
         for chunk in leftover.chunks(10) {
-            if let Err(error) = context.ports.tasks.change_visibility_batch(chunk, Duration::ZERO).await {
+            if let Err(error) = context
+                .ports
+                .tasks
+                .change_visibility_batch(chunk, Duration::ZERO)
+                .await
+            {
                 tracing::warn!(%error, "could not release messages; they reappear after the timeout");
             }
         }
     }
     if exit == Exit::Idle {
         tracing::info!(instance_id = %context.instance_id, "queue drained; terminating this instance");
-        if let Err(error) = context.ports.instances.terminate(&context.instance_id).await {
+        if let Err(error) = context
+            .ports
+            .instances
+            .terminate(&context.instance_id)
+            .await
+        {
             tracing::error!(%error, "could not terminate this instance");
         }
     }
@@ -260,7 +295,10 @@ fn queue_sender(queue: Arc<dyn Queue>) -> Batcher<String> {
             let messages: Vec<Outgoing> = bodies
                 .into_iter()
                 .enumerate()
-                .map(|(i, body)| Outgoing { id: i.to_string(), body })
+                .map(|(i, body)| Outgoing {
+                    id: i.to_string(),
+                    body,
+                })
                 .collect();
             match queue.send_batch(&messages).await {
                 Ok(failed) => messages.iter().map(|m| !failed.contains(&m.id)).collect(),

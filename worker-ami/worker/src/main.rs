@@ -35,13 +35,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let aws = aws_config::load_from_env().await;
     let sqs = nightshift_core::aws::sqs::Client::new(&aws);
     let ports = Ports {
-        tasks: Arc::new(SqsQueue::new(sqs.clone(), config::required("NIGHTSHIFT_TASK_QUEUE_URL")?)),
-        results: Arc::new(SqsQueue::new(sqs, config::required("NIGHTSHIFT_RESULT_QUEUE_URL")?)),
+        tasks: Arc::new(SqsQueue::new(
+            sqs.clone(),
+            config::required("NIGHTSHIFT_TASK_QUEUE_URL")?,
+        )),
+        results: Arc::new(SqsQueue::new(
+            sqs,
+            config::required("NIGHTSHIFT_RESULT_QUEUE_URL")?,
+        )),
         blobs: Arc::new(S3Blobs::new(
             nightshift_core::aws::s3::Client::new(&aws),
             config::required("NIGHTSHIFT_BUCKET")?,
         )),
-        instances: Arc::new(Ec2Instances::new(nightshift_core::aws::ec2::Client::new(&aws))),
+        instances: Arc::new(Ec2Instances::new(nightshift_core::aws::ec2::Client::new(
+            &aws,
+        ))),
         metadata: Arc::new(Imds::new()),
     };
 
@@ -56,7 +64,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         tracing::info!("shutdown signal: taking no new work");
         let _ = stop.send(true);
     });
-    let exit = Worker::new(ports, Registry::builtin(), settings).run(stopped).await?;
+    let exit = Worker::new(ports, Registry::builtin(), settings)
+        .run(stopped)
+        .await?;
     tracing::info!(?exit, "exit");
     Ok(())
 }

@@ -43,15 +43,28 @@ impl InstanceMetadata for Imds {
     }
 
     async fn spot_action(&self) -> Result<Option<String>, nightshift_core::Error> {
-        match self.client.get("/latest/meta-data/spot/instance-action").await {
+        match self
+            .client
+            .get("/latest/meta-data/spot/instance-action")
+            .await
+        {
             Ok(body) => {
                 let notice: serde_json::Value = serde_json::from_str(body.as_ref())
                     .map_err(|e| nightshift_core::Error::malformed("spot instance-action", e))?;
-                Ok(Some(notice["action"].as_str().unwrap_or("terminate").to_owned()))
+                Ok(Some(
+                    notice["action"].as_str().unwrap_or("terminate").to_owned(),
+                ))
             }
             // 404 is the normal answer: no action is scheduled.
-            Err(ImdsError::ErrorResponse(response)) if response.response().status().as_u16() == 404 => Ok(None),
-            Err(e) => Err(nightshift_core::Error::service("IMDS spot/instance-action", e)),
+            Err(ImdsError::ErrorResponse(response))
+                if response.response().status().as_u16() == 404 =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(nightshift_core::Error::service(
+                "IMDS spot/instance-action",
+                e,
+            )),
         }
     }
 }

@@ -29,7 +29,9 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
     let attempts = task.prior_attempts + message.receive_count;
     tracing::info!(kernel = %task.kernel, attempts, "task started");
     let outcome = match load_inputs(context, &task).await {
-        Ok((payload, checkpoint)) => run_kernel(context, &task.kernel, payload, checkpoint, control).await,
+        Ok((payload, checkpoint)) => {
+            run_kernel(context, &task.kernel, payload, checkpoint, control).await
+        }
         Err(error) => Err(error),
     };
     let report = |outcome| {
@@ -47,17 +49,28 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
         Ok(Outcome::Done { result, summary }) => {
             let result = match store_if_large(context, &task, "result", result).await {
                 Ok(result) => result,
-                Err(error) => return give_up_for_now(context, &message, &task, &error.to_string()).await,
+                Err(error) => {
+                    return give_up_for_now(context, &message, &task, &error.to_string()).await;
+                }
             };
             tracing::info!(summary, "task done");
-            finish(context, &message, report(TaskOutcome::Done { result, summary })).await;
+            finish(
+                context,
+                &message,
+                report(TaskOutcome::Done { result, summary }),
+            )
+            .await;
         }
-        Ok(Outcome::Stopped { checkpoint }) => hand_back(context, &message, &task, checkpoint).await,
+        Ok(Outcome::Stopped { checkpoint }) => {
+            hand_back(context, &message, &task, checkpoint).await
+        }
         Err(KernelError::Permanent(error)) => {
             tracing::warn!(error, "task failed for good");
             finish(context, &message, report(TaskOutcome::Failed { error })).await;
         }
-        Err(KernelError::Retryable(error)) => give_up_for_now(context, &message, &task, &error).await,
+        Err(KernelError::Retryable(error)) => {
+            give_up_for_now(context, &message, &task, &error).await
+        }
     }
 }
 
@@ -67,7 +80,9 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
 async fn finish(context: &Context, message: &Received, result: Envelope) {
     if context.send_result.submit(result.to_json()).await {
         if !context.delete_task.submit(message.receipt.clone()).await {
-            tracing::warn!("could not delete a finished task's message; a duplicate result may follow");
+            tracing::warn!(
+                "could not delete a finished task's message; a duplicate result may follow"
+            );
         }
     } else {
         tracing::warn!("could not send a result; the task will run again");
@@ -93,25 +108,39 @@ async fn give_up_for_now(context: &Context, message: &Received, task: &TaskMessa
 /// Interruption or shutdown: a continuation message (same task, its
 /// checkpoint, its attempts so far) replaces the one held, so the receive
 /// count, the budget for failures, starts again.
-async fn hand_back(context: &Context, message: &Received, task: &TaskMessage, checkpoint: Option<Vec<u8>>) {
+async fn hand_back(
+    context: &Context,
+    message: &Received,
+    task: &TaskMessage,
+    checkpoint: Option<Vec<u8>>,
+) {
     let mut continuation = task.clone();
     continuation.prior_attempts = task.prior_attempts + message.receive_count;
     if let Some(bytes) = checkpoint {
         let key = format!("checkpoints/{}/{}.bin", task.task_id, message.message_id);
         match context.ports.blobs.put(&key, bytes).await {
             Ok(()) => continuation.checkpoint_key = Some(key),
-            Err(error) => tracing::warn!(%error, "could not save the checkpoint; the task restarts from its last one"),
+            Err(error) => {
+                tracing::warn!(%error, "could not save the checkpoint; the task restarts from its last one")
+            }
         }
     }
     let checkpointed = continuation.checkpoint_key.is_some();
-    if !context.send_task.submit(Envelope::Task(continuation).to_json()).await {
+    if !context
+        .send_task
+        .submit(Envelope::Task(continuation).to_json())
+        .await
+    {
         // Without a continuation the held message must stay: released, it
         // comes back at once (at the cost of one receive).
         tracing::warn!("could not send a continuation; releasing the message instead");
         if let Err(error) = context
             .ports
             .tasks
-            .change_visibility_batch(std::slice::from_ref(&message.receipt), std::time::Duration::ZERO)
+            .change_visibility_batch(
+                std::slice::from_ref(&message.receipt),
+                std::time::Duration::ZERO,
+            )
             .await
         {
             tracing::warn!(%error, "could not release the message; it reappears after its timeout");
@@ -131,28 +160,24 @@ async fn hand_back(context: &Context, message: &Received, task: &TaskMessage, ch
     tracing::info!(checkpointed, "task handed back");
 }
 
-async fn load_inputs(context: &Context, task: &TaskMessage) -> Result<(Value, Option<Vec<u8>>), KernelError> {
+async fn load_inputs(
+    context: &Context,
+    task: &TaskMessage,
+) -> Result<(Value, Option<Vec<u8>>), KernelError> {
     let payload = match &task.payload {
         Blob::Inline(value) => value.clone(),
         Blob::Stored { key } => {
-            let bytes = context
-                .ports
-                .blobs
-                .get(key)
-                .await
-                .map_err(|e| KernelError::Retryable(format!("could not read payload {key}: {e}")))?;
-            serde_json::from_slice(&bytes).map_err(|e| KernelError::Permanent(format!("payload {key} is not JSON: {e}")))?
+            let bytes = context.ports.blobs.get(key).await.map_err(|e| {
+                KernelError::Retryable(format!("could not read payload {key}: {e}"))
+            })?;
+            serde_json::from_slice(&bytes)
+                .map_err(|e| KernelError::Permanent(format!("payload {key} is not JSON: {e}")))?
         }
     };
     let checkpoint = match &task.checkpoint_key {
-        Some(key) => Some(
-            context
-                .ports
-                .blobs
-                .get(key)
-                .await
-                .map_err(|e| KernelError::Retryable(format!("could not read checkpoint {key}: {e}")))?,
-        ),
+        Some(key) => Some(context.ports.blobs.get(key).await.map_err(|e| {
+            KernelError::Retryable(format!("could not read checkpoint {key}: {e}"))
+        })?),
         None => None,
     };
     Ok((payload, checkpoint))
@@ -174,7 +199,12 @@ async fn run_kernel(
         .unwrap_or_else(|panic| Err(KernelError::Retryable(format!("kernel panicked: {panic}"))))
 }
 
-async fn store_if_large(context: &Context, task: &TaskMessage, what: &str, value: Value) -> Result<Blob, nightshift_core::Error> {
+async fn store_if_large(
+    context: &Context,
+    task: &TaskMessage,
+    what: &str,
+    value: Value,
+) -> Result<Blob, nightshift_core::Error> {
     let text = value.to_string();
     if text.len() <= context.settings.inline_limit {
         return Ok(Blob::Inline(value));

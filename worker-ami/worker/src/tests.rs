@@ -21,7 +21,10 @@ impl InstanceMetadata for FakeMetadata {
     }
 
     async fn spot_action(&self) -> Result<Option<String>, nightshift_core::Error> {
-        Ok(self.notice.load(Ordering::SeqCst).then(|| "terminate".to_owned()))
+        Ok(self
+            .notice
+            .load(Ordering::SeqCst)
+            .then(|| "terminate".to_owned()))
     }
 }
 
@@ -76,7 +79,11 @@ impl Rig {
     }
 
     fn reported(&self) -> Vec<Envelope> {
-        self.results.sent().iter().map(|b| Envelope::from_json(b).unwrap()).collect()
+        self.results
+            .sent()
+            .iter()
+            .map(|b| Envelope::from_json(b).unwrap())
+            .collect()
     }
 }
 
@@ -107,8 +114,14 @@ async fn a_large_result_travels_through_the_bucket() {
     let rig = Rig::new();
     rig.add("t1", json!({"seconds": 0}));
     rig.worker(5).run(never()).await.unwrap();
-    let Envelope::Result(result) = &rig.reported()[0] else { panic!("a result") };
-    let TaskOutcome::Done { result: Blob::Stored { key }, .. } = &result.outcome else {
+    let Envelope::Result(result) = &rig.reported()[0] else {
+        panic!("a result")
+    };
+    let TaskOutcome::Done {
+        result: Blob::Stored { key },
+        ..
+    } = &result.outcome
+    else {
         panic!("a stored result, got {:?}", result.outcome)
     };
     assert_eq!(rig.blobs.keys(), vec![key.clone()]);
@@ -121,7 +134,9 @@ async fn a_permanent_failure_is_reported_once_and_not_retried() {
     rig.worker(100_000).run(never()).await.unwrap();
     let reported = rig.reported();
     assert_eq!(reported.len(), 1);
-    assert!(matches!(&reported[0], Envelope::Result(r) if matches!(r.outcome, TaskOutcome::Failed { .. })));
+    assert!(
+        matches!(&reported[0], Envelope::Result(r) if matches!(r.outcome, TaskOutcome::Failed { .. }))
+    );
     assert_eq!((rig.tasks.visible(), rig.tasks.in_flight()), (0, 0));
 }
 
@@ -138,11 +153,16 @@ async fn a_spot_notice_hands_running_work_back_with_its_checkpoint() {
     let exit = rig.worker(100_000).run(never()).await.unwrap();
     assert_eq!(exit, Exit::Interrupted);
     assert!(started.elapsed() < Duration::from_secs(5), "stops promptly");
-    assert!(rig.instances.terminated().is_empty(), "EC2 reclaims the instance itself");
+    assert!(
+        rig.instances.terminated().is_empty(),
+        "EC2 reclaims the instance itself"
+    );
     // The held message is gone; a continuation with the checkpoint replaces it.
     assert_eq!(rig.tasks.in_flight(), 0);
     let continuation = rig.tasks.sent().last().cloned().unwrap();
-    let Envelope::Task(task) = Envelope::from_json(&continuation).unwrap() else { panic!("a task") };
+    let Envelope::Task(task) = Envelope::from_json(&continuation).unwrap() else {
+        panic!("a task")
+    };
     assert_eq!((task.task_id.as_str(), task.prior_attempts), ("long", 1));
     let key = task.checkpoint_key.expect("a checkpoint");
     assert!(rig.blobs.keys().contains(&key));
@@ -161,5 +181,9 @@ async fn a_shutdown_signal_stops_taking_work() {
     let exit = rig.worker(100_000).run(stopped).await.unwrap();
     assert_eq!(exit, Exit::Shutdown);
     assert_eq!(rig.tasks.in_flight(), 0);
-    assert_eq!(rig.tasks.visible(), 1, "the continuation waits for another worker");
+    assert_eq!(
+        rig.tasks.visible(),
+        1,
+        "the continuation waits for another worker"
+    );
 }

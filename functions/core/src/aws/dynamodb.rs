@@ -64,7 +64,14 @@ impl DynamoStore {
         key(&format!("RUN#{run_id}"), "RUN")
     }
 
-    fn update(&self, key: Item, expression: &str, condition: Option<&str>, names: &[&str], values: Item) -> Result<Update, Error> {
+    fn update(
+        &self,
+        key: Item,
+        expression: &str,
+        condition: Option<&str>,
+        names: &[&str],
+        values: Item,
+    ) -> Result<Update, Error> {
         Update::builder()
             .table_name(&self.table)
             .set_key(Some(key))
@@ -85,7 +92,9 @@ impl DynamoStore {
             .await
         {
             Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e)) if e.err().is_transaction_canceled_exception() => Ok(false),
+            Err(SdkError::ServiceError(e)) if e.err().is_transaction_canceled_exception() => {
+                Ok(false)
+            }
             Err(e) => Err(Error::service("TransactWriteItems", e)),
         }
     }
@@ -105,12 +114,18 @@ impl DynamoStore {
             .await;
         match result {
             Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => Ok(false),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                Ok(false)
+            }
             Err(e) => Err(Error::service("UpdateItem", e)),
         }
     }
 
-    fn run_counter(&self, run_id: &str, counters: &[(&str, u64)]) -> Result<TransactWriteItem, Error> {
+    fn run_counter(
+        &self,
+        run_id: &str,
+        counters: &[(&str, u64)],
+    ) -> Result<TransactWriteItem, Error> {
         let adds: Vec<String> = counters
             .iter()
             .map(|(name, _)| format!("#{name} :{name}"))
@@ -144,7 +159,12 @@ impl DynamoStore {
     }
 
     /// Why a conditional change to a task did not apply.
-    async fn classify(&self, task_id: &str, run_id: &str, event_id: Option<&str>) -> Result<RecordOutcome, Error> {
+    async fn classify(
+        &self,
+        task_id: &str,
+        run_id: &str,
+        event_id: Option<&str>,
+    ) -> Result<RecordOutcome, Error> {
         let Some(item) = self.get(Self::task_key(task_id)).await? else {
             return Ok(RecordOutcome::Unknown);
         };
@@ -155,11 +175,15 @@ impl DynamoStore {
         if task.run_id.as_deref() != Some(run_id) {
             return Ok(RecordOutcome::Unknown);
         }
-        let seen = event_id.is_some_and(|id| string_set(&item, "seen_events").iter().any(|s| s == id));
+        let seen =
+            event_id.is_some_and(|id| string_set(&item, "seen_events").iter().any(|s| s == id));
         if task.status.is_final() || seen {
             return Ok(RecordOutcome::Duplicate);
         }
-        Err(Error::malformed("task", format!("{task_id} refused a change it should accept")))
+        Err(Error::malformed(
+            "task",
+            format!("{task_id} refused a change it should accept"),
+        ))
     }
 
     fn result_update(&self, result: &TaskResult) -> Result<Update, Error> {
@@ -172,7 +196,15 @@ impl DynamoStore {
             (":finished".into(), s(&timestamp(result.finished_at))),
             (":duration".into(), num(result.duration_ms())),
         ]);
-        let mut names = vec!["status", "run_id", "instance_id", "attempts", "started_at", "finished_at", "duration_ms"];
+        let mut names = vec![
+            "status",
+            "run_id",
+            "instance_id",
+            "attempts",
+            "started_at",
+            "finished_at",
+            "duration_ms",
+        ];
         let mut sets = vec![
             "#status = :status",
             "#instance_id = :instance",
@@ -190,7 +222,11 @@ impl DynamoStore {
                 let (name, value) = blob_attribute("result", result);
                 values.insert(":result".into(), value);
                 names.push(name);
-                sets.push(if name == "result" { "#result = :result" } else { "#result_key = :result" });
+                sets.push(if name == "result" {
+                    "#result = :result"
+                } else {
+                    "#result_key = :result"
+                });
             }
             TaskOutcome::Failed { error } => {
                 values.insert(":status".into(), s(TaskStatus::Failed.as_str()));
@@ -214,7 +250,9 @@ impl DynamoStore {
             TaskOutcome::Failed { .. } => "failed",
         };
         let items = vec![
-            TransactWriteItem::builder().update(self.result_update(result)?).build(),
+            TransactWriteItem::builder()
+                .update(self.result_update(result)?)
+                .build(),
             self.run_counter(&result.run_id, &[(counter, 1)])?,
         ];
         if self.transact(items).await? {
@@ -225,7 +263,10 @@ impl DynamoStore {
     }
 
     /// Ids among `tasks` whose item says PENDING, by consistent BatchGetItem.
-    async fn still_pending(&self, tasks: &[PendingTask]) -> Result<std::collections::HashSet<String>, Error> {
+    async fn still_pending(
+        &self,
+        tasks: &[PendingTask],
+    ) -> Result<std::collections::HashSet<String>, Error> {
         let mut pending = std::collections::HashSet::new();
         for chunk in tasks.chunks(BATCH_GET_LIMIT) {
             let mut keys: Vec<Item> = chunk.iter().map(|t| Self::task_key(&t.id)).collect();
@@ -244,7 +285,11 @@ impl DynamoStore {
                     .send()
                     .await
                     .map_err(|e| Error::service("BatchGetItem", e))?;
-                for item in output.responses.and_then(|mut r| r.remove(&self.table)).unwrap_or_default() {
+                for item in output
+                    .responses
+                    .and_then(|mut r| r.remove(&self.table))
+                    .unwrap_or_default()
+                {
                     if opt_s(&item, "status").as_deref() == Some(TaskStatus::Pending.as_str()) {
                         pending.extend(opt_s(&item, "task_id"));
                     }
@@ -265,7 +310,9 @@ impl DynamoStore {
 
     async fn mark_queued_one(&self, run_id: &str, task_id: &str, now: &str) -> Result<bool, Error> {
         let items = vec![
-            TransactWriteItem::builder().update(self.queue_update(run_id, task_id, now)?).build(),
+            TransactWriteItem::builder()
+                .update(self.queue_update(run_id, task_id, now)?)
+                .build(),
             self.run_counter(run_id, &[("queued", 1)])?,
         ];
         self.transact(items).await
@@ -293,7 +340,10 @@ impl DynamoStore {
         item.insert("kernel".into(), s(&task.kernel));
         item.insert("status".into(), s(TaskStatus::Pending.as_str()));
         item.insert("created_at".into(), s(&timestamp(task.created_at)));
-        item.insert("pending_shard".into(), s(&task.pending_shard(self.pending_shards).to_string()));
+        item.insert(
+            "pending_shard".into(),
+            s(&task.pending_shard(self.pending_shards).to_string()),
+        );
         let (name, value) = blob_attribute("payload", &task.payload);
         item.insert(name.into(), value);
         if let Some(idempotency) = &task.idempotency {
@@ -360,7 +410,9 @@ impl TaskWriter for DynamoStore {
             Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
                 let existing = self.get(Self::task_key(&task.id)).await?;
                 Ok(InsertOutcome::Exists {
-                    request_digest: existing.as_ref().and_then(|item| opt_s(item, "request_digest")),
+                    request_digest: existing
+                        .as_ref()
+                        .and_then(|item| opt_s(item, "request_digest")),
                 })
             }
             Err(e) => Err(Error::service("PutItem", e)),
@@ -433,7 +485,10 @@ impl PendingTasks for DynamoStore {
         // The index is eventually consistent: a task queued a moment ago may
         // still be listed. A consistent read keeps only those still PENDING.
         let still_pending = self.still_pending(&candidates).await?;
-        Ok(candidates.into_iter().filter(|t| still_pending.contains(&t.id)).collect())
+        Ok(candidates
+            .into_iter()
+            .filter(|t| still_pending.contains(&t.id))
+            .collect())
     }
 
     async fn mark_queued(&self, run_id: &str, task_ids: &[String]) -> Result<Vec<String>, Error> {
@@ -442,7 +497,11 @@ impl PendingTasks for DynamoStore {
         for chunk in task_ids.chunks(TRANSACTION_TASKS) {
             let mut items = chunk
                 .iter()
-                .map(|id| Ok(TransactWriteItem::builder().update(self.queue_update(run_id, id, &now)?).build()))
+                .map(|id| {
+                    Ok(TransactWriteItem::builder()
+                        .update(self.queue_update(run_id, id, &now)?)
+                        .build())
+                })
                 .collect::<Result<Vec<_>, Error>>()?;
             items.push(self.run_counter(run_id, &[("queued", chunk.len() as u64)])?);
             if self.transact(items).await? {
@@ -468,7 +527,11 @@ impl ResultRecorder for DynamoStore {
         if all_distinct && !results.is_empty() && results.len() <= TRANSACTION_TASKS - 9 {
             let mut items = results
                 .iter()
-                .map(|r| Ok(TransactWriteItem::builder().update(self.result_update(r)?).build()))
+                .map(|r| {
+                    Ok(TransactWriteItem::builder()
+                        .update(self.result_update(r)?)
+                        .build())
+                })
                 .collect::<Result<Vec<_>, Error>>()?;
             let mut counters: HashMap<&str, (u64, u64)> = HashMap::new();
             for result in results {
@@ -493,14 +556,21 @@ impl ResultRecorder for DynamoStore {
         Ok(outcomes)
     }
 
-    async fn record_attempt(&self, event: &AttemptEvent, kind: AttemptKind) -> Result<RecordOutcome, Error> {
+    async fn record_attempt(
+        &self,
+        event: &AttemptEvent,
+        kind: AttemptKind,
+    ) -> Result<RecordOutcome, Error> {
         let counter = match kind {
             AttemptKind::Failed => "failed_attempts",
             AttemptKind::Interrupted => "interruptions",
         };
         let mut values: Item = HashMap::from([
             (":one".into(), num(1)),
-            (":event".into(), AttributeValue::Ss(vec![event.event_id.clone()])),
+            (
+                ":event".into(),
+                AttributeValue::Ss(vec![event.event_id.clone()]),
+            ),
             (":event_id".into(), s(&event.event_id)),
             (":queued".into(), s(TaskStatus::Queued.as_str())),
             (":run".into(), s(&event.run_id)),
@@ -524,11 +594,17 @@ impl ResultRecorder for DynamoStore {
         if applied {
             Ok(RecordOutcome::Recorded)
         } else {
-            self.classify(&event.task_id, &event.run_id, Some(&event.event_id)).await
+            self.classify(&event.task_id, &event.run_id, Some(&event.event_id))
+                .await
         }
     }
 
-    async fn record_dead_letter(&self, task_id: &str, run_id: &str, at: DateTime<Utc>) -> Result<RecordOutcome, Error> {
+    async fn record_dead_letter(
+        &self,
+        task_id: &str,
+        run_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<RecordOutcome, Error> {
         let update = self.update(
             Self::task_key(task_id),
             "SET #status = :failed, #finished_at = :at, #last_error = if_not_exists(#last_error, :error)",
@@ -610,7 +686,13 @@ impl RunStore for DynamoStore {
         Ok((run, false))
     }
 
-    async fn acquire_lease(&self, run_id: &str, owner: &str, now: DateTime<Utc>, ttl: Duration) -> Result<bool, Error> {
+    async fn acquire_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<bool, Error> {
         let now_ms = now.timestamp_millis().unsigned_abs();
         let until = now_ms + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2);
         let result = self
@@ -619,7 +701,9 @@ impl RunStore for DynamoStore {
             .table_name(&self.table)
             .set_key(Some(Self::run_key(run_id)))
             .update_expression("SET lease_owner = :owner, lease_until = :until")
-            .condition_expression("#state = :open AND (attribute_not_exists(lease_until) OR lease_until < :now)")
+            .condition_expression(
+                "#state = :open AND (attribute_not_exists(lease_until) OR lease_until < :now)",
+            )
             .expression_attribute_names("#state", "state")
             .expression_attribute_values(":owner", s(owner))
             .expression_attribute_values(":until", num(until))
@@ -629,7 +713,9 @@ impl RunStore for DynamoStore {
             .await;
         match result {
             Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => Ok(false),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                Ok(false)
+            }
             Err(e) => Err(Error::service("UpdateItem lease", e)),
         }
     }
@@ -648,12 +734,19 @@ impl RunStore for DynamoStore {
         match result {
             Ok(_) => Ok(()),
             // Expired and taken over: nothing of ours to release.
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => Ok(()),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                Ok(())
+            }
             Err(e) => Err(Error::service("UpdateItem lease", e)),
         }
     }
 
-    async fn record_fleet(&self, run_id: &str, request_number: u32, instance_ids: &[String]) -> Result<(), Error> {
+    async fn record_fleet(
+        &self,
+        run_id: &str,
+        request_number: u32,
+        instance_ids: &[String],
+    ) -> Result<(), Error> {
         let mut request = self
             .client
             .update_item()
@@ -671,9 +764,12 @@ impl RunStore for DynamoStore {
         };
         match request.send().await {
             Ok(_) => Ok(()),
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => Err(
-                Error::malformed("run", format!("fleet request {request_number} of {run_id} was already recorded")),
-            ),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                Err(Error::malformed(
+                    "run",
+                    format!("fleet request {request_number} of {run_id} was already recorded"),
+                ))
+            }
             Err(e) => Err(Error::service("UpdateItem fleet", e)),
         }
     }
@@ -710,7 +806,10 @@ fn key(pk: &str, sk: &str) -> Item {
 }
 
 fn name_map(names: &[&str]) -> HashMap<String, String> {
-    names.iter().map(|name| (format!("#{name}"), (*name).to_owned())).collect()
+    names
+        .iter()
+        .map(|name| (format!("#{name}"), (*name).to_owned()))
+        .collect()
 }
 
 fn s(value: &str) -> AttributeValue {
@@ -736,7 +835,10 @@ fn req_s(item: &Item, name: &'static str) -> Result<String, Error> {
 fn opt_n(item: &Item, name: &str) -> Result<Option<u64>, Error> {
     item.get(name)
         .and_then(|v| v.as_n().ok())
-        .map(|n| n.parse().map_err(|_| Error::malformed("item", format!("{name} is not a count"))))
+        .map(|n| {
+            n.parse()
+                .map_err(|_| Error::malformed("item", format!("{name} is not a count")))
+        })
         .transpose()
 }
 
@@ -784,8 +886,10 @@ fn task_from_item(item: &Item) -> Result<Task, Error> {
         id: req_s(item, "task_id")?,
         account: req_s(item, "account")?,
         kernel: req_s(item, "kernel")?,
-        status: TaskStatus::parse(&status).ok_or_else(|| Error::malformed("task status", status))?,
-        created_at: opt_time(item, "created_at")?.ok_or_else(|| Error::malformed("task", "no created_at"))?,
+        status: TaskStatus::parse(&status)
+            .ok_or_else(|| Error::malformed("task status", status))?,
+        created_at: opt_time(item, "created_at")?
+            .ok_or_else(|| Error::malformed("task", "no created_at"))?,
         run_id: opt_s(item, "run_id"),
         payload: blob_from_item(item, "payload")?,
         attempts: count(item, "attempts")?,
@@ -809,7 +913,8 @@ fn run_from_item(item: &Item) -> Result<Run, Error> {
     Ok(Run {
         id: req_s(item, "id")?,
         state: RunState::parse(&state).ok_or_else(|| Error::malformed("run state", state))?,
-        started_at: opt_time(item, "started_at")?.ok_or_else(|| Error::malformed("run", "no started_at"))?,
+        started_at: opt_time(item, "started_at")?
+            .ok_or_else(|| Error::malformed("run", "no started_at"))?,
         finished_at: opt_time(item, "finished_at")?,
         queued: opt_n(item, "queued")?.unwrap_or(0),
         done: opt_n(item, "done")?.unwrap_or(0),

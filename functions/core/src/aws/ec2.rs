@@ -4,10 +4,10 @@
 use async_trait::async_trait;
 pub use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{
-    DefaultTargetCapacityType, FleetLaunchTemplateConfigRequest,
+    DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfigRequest,
     FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest, FleetType,
-    Filter, InstanceType, ResourceType, SpotAllocationStrategy, SpotOptionsRequest, Tag,
-    TagSpecification, TargetCapacitySpecificationRequest,
+    InstanceType, ResourceType, SpotAllocationStrategy, SpotOptionsRequest, Tag, TagSpecification,
+    TargetCapacitySpecificationRequest,
 };
 
 use crate::Error;
@@ -27,7 +27,11 @@ pub struct SpotFleet {
 }
 
 impl SpotFleet {
-    pub fn new(client: Client, launch_template_id: impl Into<String>, instance_types: Vec<String>) -> Self {
+    pub fn new(
+        client: Client,
+        launch_template_id: impl Into<String>,
+        instance_types: Vec<String>,
+    ) -> Self {
         Self {
             client,
             launch_template_id: launch_template_id.into(),
@@ -100,7 +104,12 @@ impl Fleet for SpotFleet {
         let mut pages = self
             .client
             .describe_instances()
-            .filters(Filter::builder().name(format!("tag:{RUN_TAG}")).values(run_id).build())
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{RUN_TAG}"))
+                    .values(run_id)
+                    .build(),
+            )
             .filters(
                 Filter::builder()
                     .name("instance-state-name")
@@ -113,7 +122,12 @@ impl Fleet for SpotFleet {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| Error::service("DescribeInstances", e))?;
             for reservation in page.reservations() {
-                ids.extend(reservation.instances().iter().filter_map(|i| i.instance_id().map(str::to_owned)));
+                ids.extend(
+                    reservation
+                        .instances()
+                        .iter()
+                        .filter_map(|i| i.instance_id().map(str::to_owned)),
+                );
             }
         }
         Ok(ids)

@@ -115,10 +115,17 @@ impl Queue for SqsQueue {
             .send()
             .await
             .map_err(|e| Error::service("DeleteMessageBatch", e))?;
-        Ok(failed_receipts(receipts, output.failed().iter().map(|f| f.id())))
+        Ok(failed_receipts(
+            receipts,
+            output.failed().iter().map(|f| f.id()),
+        ))
     }
 
-    async fn change_visibility_batch(&self, receipts: &[String], timeout: Duration) -> Result<Vec<String>, Error> {
+    async fn change_visibility_batch(
+        &self,
+        receipts: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<String>, Error> {
         if receipts.is_empty() {
             return Ok(Vec::new());
         }
@@ -142,7 +149,10 @@ impl Queue for SqsQueue {
             .send()
             .await
             .map_err(|e| Error::service("ChangeMessageVisibilityBatch", e))?;
-        Ok(failed_receipts(receipts, output.failed().iter().map(|f| f.id())))
+        Ok(failed_receipts(
+            receipts,
+            output.failed().iter().map(|f| f.id()),
+        ))
     }
 
     async fn visibility_timeout(&self) -> Result<Duration, Error> {
@@ -164,7 +174,10 @@ impl Queue for SqsQueue {
 }
 
 /// Batch entries are named by their position; map failed names back.
-fn failed_receipts<'a>(receipts: &[String], failed_ids: impl Iterator<Item = &'a str>) -> Vec<String> {
+fn failed_receipts<'a>(
+    receipts: &[String],
+    failed_ids: impl Iterator<Item = &'a str>,
+) -> Vec<String> {
     failed_ids
         .filter_map(|id| id.parse::<usize>().ok())
         .filter_map(|i| receipts.get(i).cloned())
@@ -203,9 +216,15 @@ mod tests {
         let queue = SqsQueue::new(client, "q");
         let messages: Vec<Outgoing> = ["a", "b", "c"]
             .iter()
-            .map(|id| Outgoing { id: (*id).into(), body: "{}".into() })
+            .map(|id| Outgoing {
+                id: (*id).into(),
+                body: "{}".into(),
+            })
             .collect();
-        assert_eq!(queue.send_batch(&messages).await.unwrap(), vec!["b".to_owned()]);
+        assert_eq!(
+            queue.send_batch(&messages).await.unwrap(),
+            vec!["b".to_owned()]
+        );
         assert_eq!(rule.num_calls(), 1);
     }
 
@@ -213,7 +232,12 @@ mod tests {
     async fn failed_deletes_map_back_to_their_receipts() {
         let rule = mock!(Client::delete_message_batch).then_output(|| {
             DeleteMessageBatchOutput::builder()
-                .successful(DeleteMessageBatchResultEntry::builder().id("0").build().unwrap())
+                .successful(
+                    DeleteMessageBatchResultEntry::builder()
+                        .id("0")
+                        .build()
+                        .unwrap(),
+                )
                 .failed(entry_error("1"))
                 .build()
                 .unwrap()
@@ -229,7 +253,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_batch_makes_no_call() {
-        let rule = mock!(Client::delete_message_batch).then_output(|| DeleteMessageBatchOutput::builder().build().unwrap());
+        let rule = mock!(Client::delete_message_batch)
+            .then_output(|| DeleteMessageBatchOutput::builder().build().unwrap());
         let client = mock_client!(aws_sdk_sqs, [&rule]);
         let queue = SqsQueue::new(client, "q");
         assert!(queue.delete_batch(&[]).await.unwrap().is_empty());
