@@ -253,7 +253,14 @@ async fn bad_input_is_refused_and_nothing_is_written() {
     let too_many = json!({ "tasks": vec![sleep_task("a", 0.0); 1001] }).to_string();
     let too_big = json!({ "account": "a", "kernel": "sleep", "payload": { "seconds": 0, "data": "x".repeat(1_100_000) } }).to_string();
     // (method, path, body, status, error code, field)
-    type Case<'a> = (&'a str, &'a str, Option<&'a str>, u16, &'a str, Option<&'a str>);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        u16,
+        &'a str,
+        Option<&'a str>,
+    );
     let cases: Vec<Case> = vec![
         (
             "POST",
@@ -379,4 +386,56 @@ async fn bad_input_is_refused_and_nothing_is_written() {
         "the table holds nothing: {:?}",
         scan.items()
     );
+}
+
+/// A spot interruption notice: the worker hands its task back with a
+/// checkpoint and leaves; the task finishes elsewhere, counted as an
+/// interruption, not a failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spot_interruption_hands_the_task_back_without_using_its_retries() {
+    let stack = Stack::start(&[("SlotsPerInstance", "1"), ("MaxInstances", "2")]).await;
+    let ids = stack
+        .submit(&[sleep_task("a", 4.0), sleep_task("b", 4.0)])
+        .await;
+    let run_id = stack.start_run().await;
+    let dir = stack.workers_dir();
+    stack
+        .eventually("a worker starts a task", Duration::from_secs(60), || {
+            let found = started_task(&dir).is_some();
+            async move { found }
+        })
+        .await;
+    let (instance_id, task_id) = started_task(&dir).unwrap();
+    let control = &stack.env["NIGHTSHIFT_CONTROL_URL"];
+    let answer = reqwest::Client::new()
+        .post(format!("{control}/instances/{instance_id}/interrupt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 204);
+
+    let report = stack.finish(&run_id, RUN_TIMEOUT).await;
+    assert_eq!(report["run"]["done"].as_u64(), Some(ids.len() as u64));
+    let line = report["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["task_id"] == task_id.as_str())
+        .unwrap();
+    assert_eq!(line["status"], "DONE");
+    assert_ne!(line["instance_id"].as_str(), Some(instance_id.as_str()));
+    assert_eq!(
+        (
+            line["interruptions"].as_u64(),
+            line["failed_attempts"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{line}"
+    );
+    let log = std::fs::read_to_string(dir.join(format!("{instance_id}.log"))).unwrap();
+    assert!(
+        log.contains("task handed back"),
+        "the worker handed its task back"
+    );
+    assert!(log.contains("\"checkpointed\":true"), "with its checkpoint");
 }
