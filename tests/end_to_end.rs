@@ -124,14 +124,7 @@ async fn a_killed_worker_loses_no_task() {
     let run_id = stack.start_run().await;
 
     // Find a worker that has started a task, and kill it.
-    let dir = stack.workers_dir();
-    stack
-        .eventually("a worker starts a task", Duration::from_secs(60), || {
-            let found = started_task(&dir).is_some();
-            async move { found }
-        })
-        .await;
-    let (instance_id, task_id) = started_task(&dir).unwrap();
+    let (instance_id, task_id) = first_started_task(&stack).await;
     let pid: i32 = std::fs::read_to_string(stack.workers_dir().join(format!("{instance_id}.pid")))
         .unwrap()
         .trim()
@@ -162,6 +155,18 @@ async fn a_killed_worker_loses_no_task() {
         "another worker finished it"
     );
     assert_eq!(line["attempts"], 2, "the second delivery ran it: {line}");
+}
+
+/// Waits until a worker has started a task: (instance id, task id).
+async fn first_started_task(stack: &Stack) -> (String, String) {
+    let dir = stack.workers_dir();
+    stack
+        .eventually("a worker starts a task", Duration::from_secs(60), || {
+            let found = started_task(&dir).is_some();
+            async move { found }
+        })
+        .await;
+    started_task(&dir).expect("a started task")
 }
 
 /// (instance id, task id) of the first task a worker logged as started.
@@ -398,14 +403,8 @@ async fn a_spot_interruption_hands_the_task_back_without_using_its_retries() {
         .submit(&[sleep_task("a", 4.0), sleep_task("b", 4.0)])
         .await;
     let run_id = stack.start_run().await;
+    let (instance_id, task_id) = first_started_task(&stack).await;
     let dir = stack.workers_dir();
-    stack
-        .eventually("a worker starts a task", Duration::from_secs(60), || {
-            let found = started_task(&dir).is_some();
-            async move { found }
-        })
-        .await;
-    let (instance_id, task_id) = started_task(&dir).unwrap();
     let control = &stack.env["NIGHTSHIFT_CONTROL_URL"];
     let answer = reqwest::Client::new()
         .post(format!("{control}/instances/{instance_id}/interrupt"))

@@ -94,14 +94,7 @@ async fn finish(context: &Context, message: &Received, result: Envelope) {
 /// retry budget; past it the task goes to the dead-letter queue).
 async fn give_up_for_now(context: &Context, message: &Received, task: &TaskMessage, error: &str) {
     tracing::warn!(error, "attempt failed; the task will be retried");
-    let event = Envelope::AttemptFailed(AttemptEvent {
-        event_id: format!("{}:{}", message.message_id, message.receive_count),
-        task_id: task.task_id.clone(),
-        run_id: task.run_id.clone(),
-        instance_id: context.instance_id.clone(),
-        at: Utc::now(),
-        error: Some(error.to_owned()),
-    });
+    let event = Envelope::AttemptFailed(attempt(context, message, task, Some(error)));
     context.send_result.submit(event.to_json()).await;
 }
 
@@ -148,16 +141,27 @@ async fn hand_back(
         return;
     }
     context.delete_task.submit(message.receipt.clone()).await;
-    let event = Envelope::Interrupted(AttemptEvent {
+    let event = Envelope::Interrupted(attempt(context, message, task, None));
+    context.send_result.submit(event.to_json()).await;
+    tracing::info!(checkpointed, "task handed back");
+}
+
+/// An event about this delivery, identified by message id and receive count
+/// so that the collector counts it once.
+fn attempt(
+    context: &Context,
+    message: &Received,
+    task: &TaskMessage,
+    error: Option<&str>,
+) -> AttemptEvent {
+    AttemptEvent {
         event_id: format!("{}:{}", message.message_id, message.receive_count),
         task_id: task.task_id.clone(),
         run_id: task.run_id.clone(),
         instance_id: context.instance_id.clone(),
         at: Utc::now(),
-        error: None,
-    });
-    context.send_result.submit(event.to_json()).await;
-    tracing::info!(checkpointed, "task handed back");
+        error: error.map(str::to_owned),
+    }
 }
 
 async fn load_inputs(
