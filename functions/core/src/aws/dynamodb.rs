@@ -923,3 +923,96 @@ fn run_from_item(item: &Item) -> Result<Run, Error> {
         fleet_requests: count(item, "fleet_requests")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
+    use aws_sdk_dynamodb::operation::transact_write_items::{
+        TransactWriteItemsError, TransactWriteItemsOutput,
+    };
+    use aws_sdk_dynamodb::types::error::TransactionCanceledException;
+    use aws_smithy_mocks::{RuleMode, mock, mock_client};
+
+    fn cancelled() -> TransactWriteItemsError {
+        TransactWriteItemsError::TransactionCanceledException(
+            TransactionCanceledException::builder()
+                .message("ConditionalCheckFailed")
+                .build(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_settled_task_by_task() {
+        // The batch of two is refused (one task is no longer PENDING); then
+        // task a goes through alone and task b is refused alone.
+        let rule = mock!(Client::transact_write_items)
+            .sequence()
+            .error(cancelled)
+            .output(|| TransactWriteItemsOutput::builder().build())
+            .error(cancelled)
+            .build();
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&rule]);
+        let store = DynamoStore::new(client, "t", 4);
+        let changed = store
+            .mark_queued("r1", &["a".to_owned(), "b".to_owned()])
+            .await
+            .unwrap();
+        assert_eq!(changed, vec!["a".to_owned()]);
+        assert_eq!(rule.num_calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn one_transaction_queues_a_batch_with_its_run_counter() {
+        let rule = mock!(Client::transact_write_items)
+            .match_requests(|r| {
+                let items = r.transact_items();
+                // 10 task updates and the run's counter.
+                items.len() == 11
+                    && items
+                        .last()
+                        .and_then(|i| i.update())
+                        .is_some_and(|u| u.update_expression() == "ADD #queued :queued")
+            })
+            .then_output(|| TransactWriteItemsOutput::builder().build());
+        let client = mock_client!(aws_sdk_dynamodb, [&rule]);
+        let store = DynamoStore::new(client, "t", 4);
+        let ids: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+        assert_eq!(store.mark_queued("r1", &ids).await.unwrap().len(), 10);
+        assert_eq!(rule.num_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn unprocessed_batch_writes_are_retried() {
+        let task = NewTask {
+            id: "t1".into(),
+            account: "a".into(),
+            kernel: "sleep".into(),
+            payload: Blob::Inline(serde_json::json!({"seconds": 1})),
+            created_at: Utc::now(),
+            idempotency: None,
+        };
+        let store_for_item = DynamoStore::new(mock_client!(aws_sdk_dynamodb, []), "t", 4);
+        let put = PutRequest::builder()
+            .set_item(Some(store_for_item.new_task_item(&task)))
+            .build()
+            .unwrap();
+        let unprocessed = WriteRequest::builder().put_request(put).build();
+        let rule = mock!(Client::batch_write_item)
+            .sequence()
+            .output(move || {
+                BatchWriteItemOutput::builder()
+                    .unprocessed_items("t", vec![unprocessed.clone()])
+                    .build()
+            })
+            .output(|| BatchWriteItemOutput::builder().build())
+            .build();
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&rule]);
+        let store = DynamoStore::new(client, "t", 4);
+        store
+            .insert_tasks(std::slice::from_ref(&task))
+            .await
+            .unwrap();
+        assert_eq!(rule.num_calls(), 2);
+    }
+}
