@@ -118,15 +118,20 @@ impl TaskWriter for MemoryStore {
         Ok(())
     }
 
-    async fn insert_task_once(&self, task: &NewTask) -> Result<InsertOutcome, Error> {
+    async fn insert_tasks_once(&self, tasks: &[NewTask]) -> Result<Vec<InsertOutcome>, Error> {
         let mut state = lock(&self.state);
-        if let Some(existing) = state.tasks.get(&task.id) {
-            return Ok(InsertOutcome::Exists {
-                request_digest: existing.task.request_digest.clone(),
-            });
-        }
-        state.tasks.insert(task.id.clone(), self.stored(task));
-        Ok(InsertOutcome::Inserted)
+        Ok(tasks
+            .iter()
+            .map(|task| match state.tasks.get(&task.id) {
+                Some(existing) => InsertOutcome::Exists {
+                    request_digest: existing.task.request_digest.clone(),
+                },
+                None => {
+                    state.tasks.insert(task.id.clone(), self.stored(task));
+                    InsertOutcome::Inserted
+                }
+            })
+            .collect())
     }
 }
 
@@ -134,6 +139,14 @@ impl TaskWriter for MemoryStore {
 impl TaskReader for MemoryStore {
     async fn task(&self, task_id: &str) -> Result<Option<Task>, Error> {
         Ok(lock(&self.state).tasks.get(task_id).map(|t| t.task.clone()))
+    }
+
+    async fn tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, Error> {
+        let state = lock(&self.state);
+        Ok(task_ids
+            .iter()
+            .filter_map(|id| state.tasks.get(id).map(|t| t.task.clone()))
+            .collect())
     }
 
     async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error> {

@@ -15,8 +15,10 @@ use crate::model::{NewTask, PendingTask, Run, Task};
 pub trait TaskWriter: Send + Sync {
     /// Writes tasks that carry no idempotency key, in batches.
     async fn insert_tasks(&self, tasks: &[NewTask]) -> Result<(), Error>;
-    /// Writes one task only if no task with its id exists yet.
-    async fn insert_task_once(&self, task: &NewTask) -> Result<InsertOutcome, Error>;
+    /// Writes each task only if no task with its id exists yet (tasks with
+    /// an idempotency key), all at once when none exists; returns one
+    /// outcome per task, in order.
+    async fn insert_tasks_once(&self, tasks: &[NewTask]) -> Result<Vec<InsertOutcome>, Error>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub enum InsertOutcome {
 #[async_trait]
 pub trait TaskReader: Send + Sync {
     async fn task(&self, task_id: &str) -> Result<Option<Task>, Error>;
+    /// The tasks among `task_ids` that exist, in no particular order.
+    async fn tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, Error>;
     /// Every task queued in a run (a query on the run's index).
     async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error>;
 }

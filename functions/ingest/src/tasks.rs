@@ -90,22 +90,31 @@ fn digest(request: &TaskRequest) -> String {
 /// Refuses the whole request before writing anything if a key was already
 /// used for different work.
 async fn reject_conflicting_keys(api: &Api, tasks: &[NewTask]) -> Result<(), ApiError> {
-    for (i, task) in tasks.iter().enumerate() {
-        let Some(idempotency) = &task.idempotency else {
-            continue;
-        };
-        let existing = api
-            .reader
-            .task(&task.id)
-            .await
-            .map_err(ApiError::from_store)?;
-        if existing.is_some_and(|e| {
-            e.request_digest.as_deref() != Some(idempotency.request_digest.as_str())
-        }) {
+    let keyed: Vec<String> = tasks
+        .iter()
+        .filter(|t| t.idempotency.is_some())
+        .map(|t| t.id.clone())
+        .collect();
+    if keyed.is_empty() {
+        return Ok(());
+    }
+    let existing = api
+        .reader
+        .tasks(&keyed)
+        .await
+        .map_err(ApiError::from_store)?;
+    for found in existing {
+        if let Some(i) = tasks.iter().position(|t| t.id == found.id)
+            && !same_request(&tasks[i], found.request_digest.as_deref())
+        {
             return Err(conflict(i, tasks.len()));
         }
     }
     Ok(())
+}
+
+fn same_request(task: &NewTask, existing_digest: Option<&str>) -> bool {
+    task.idempotency.as_ref().map(|i| i.request_digest.as_str()) == existing_digest
 }
 
 fn conflict(index: usize, batch: usize) -> ApiError {
@@ -147,33 +156,39 @@ async fn store_large_payloads(
     Ok(keys)
 }
 
-/// Writes the tasks; returns how many are new.
+/// Writes the tasks; returns how many are new. Tasks with a key go first,
+/// in one transaction when none exists yet, so a conflict found only now
+/// (a concurrent request) still leaves nothing of this one written.
 async fn write_tasks(api: &Api, tasks: &[NewTask]) -> Result<usize, ApiError> {
-    let (keyed, plain): (Vec<&NewTask>, Vec<&NewTask>) =
-        tasks.iter().partition(|t| t.idempotency.is_some());
-    let plain: Vec<NewTask> = plain.into_iter().cloned().collect();
+    type Indexed<'a> = Vec<(usize, &'a NewTask)>;
+    let (keyed, plain): (Indexed, Indexed) = tasks
+        .iter()
+        .enumerate()
+        .partition(|(_, t)| t.idempotency.is_some());
+    let keyed_tasks: Vec<NewTask> = keyed.iter().map(|(_, t)| (*t).clone()).collect();
+    let outcomes = api
+        .writer
+        .insert_tasks_once(&keyed_tasks)
+        .await
+        .map_err(ApiError::from_store)?;
+    let mut created = 0;
+    for ((index, task), outcome) in keyed.iter().zip(outcomes) {
+        match outcome {
+            InsertOutcome::Inserted => created += 1,
+            InsertOutcome::Exists { request_digest }
+                if !same_request(task, request_digest.as_deref()) =>
+            {
+                return Err(conflict(*index, tasks.len()));
+            }
+            InsertOutcome::Exists { .. } => {}
+        }
+    }
+    let plain: Vec<NewTask> = plain.into_iter().map(|(_, t)| t.clone()).collect();
     api.writer
         .insert_tasks(&plain)
         .await
         .map_err(ApiError::from_store)?;
-    let mut created = plain.len();
-    for (i, task) in keyed.into_iter().enumerate() {
-        match api
-            .writer
-            .insert_task_once(task)
-            .await
-            .map_err(ApiError::from_store)?
-        {
-            InsertOutcome::Inserted => created += 1,
-            InsertOutcome::Exists { request_digest } => {
-                let mine = task.idempotency.as_ref().map(|i| i.request_digest.as_str());
-                if request_digest.as_deref() != mine {
-                    return Err(conflict(i, tasks.len()));
-                }
-            }
-        }
-    }
-    Ok(created)
+    Ok(created + plain.len())
 }
 
 pub async fn show(

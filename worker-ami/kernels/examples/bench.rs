@@ -44,17 +44,23 @@ fn main() -> Result<(), Box<dyn Error>> {
 
 /// The best of `repeat` runs, on a pool of `threads`.
 fn paths_per_second(payload: &Value, threads: usize, repeat: usize) -> Result<f64, Box<dyn Error>> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
     let kernel = PortfolioKernel::default();
     let mut best = f64::INFINITY;
+    let mut summary = String::new();
     for _ in 0..repeat {
         let started = Instant::now();
         let outcome = pool.install(|| kernel.run(payload, None, &Control::new()))?;
         best = best.min(started.elapsed().as_secs_f64());
-        let Outcome::Done { summary, .. } = outcome else {
+        let Outcome::Done { summary: line, .. } = outcome else {
             return Err("the benchmark run stopped".into());
         };
-        eprintln!("{threads} thread(s): {summary} in {:.3}s", started.elapsed().as_secs_f64());
+        summary = line;
+    }
+    if threads == 1 {
+        eprintln!("nightshift: {summary}");
     }
     let paths = payload["paths"].as_u64().ok_or("payload without paths")?;
     Ok(paths as f64 / best)

@@ -7,6 +7,7 @@
 //! kernel stops at its next safe point and hands back a checkpoint.
 
 pub mod portfolio;
+mod program;
 mod sleep;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde_json::Value;
 
 pub use portfolio::PortfolioKernel;
+pub use program::{ProgramConfigError, ProgramKernel, ProgramSpec};
 pub use sleep::SleepKernel;
 
 /// The kernel a task runs when it names none.
@@ -95,6 +97,25 @@ impl Registry {
         registry.insert("sleep", SleepKernel);
         registry.insert(portfolio::NAME, PortfolioKernel::default());
         registry
+    }
+
+    /// The built-in kernels and the programs of the worker's configuration,
+    /// each under its name. A program may not take a built-in kernel's name.
+    pub fn with_programs(
+        programs: impl IntoIterator<Item = (String, ProgramSpec)>,
+    ) -> Result<Self, ProgramConfigError> {
+        let mut registry = Self::builtin();
+        for (name, spec) in programs {
+            if registry.kernels.contains_key(&name) {
+                return Err(ProgramConfigError {
+                    name,
+                    reason: "a built-in kernel or another program has this name".into(),
+                });
+            }
+            let kernel = ProgramKernel::new(&name, spec)?;
+            registry.insert(&name, kernel);
+        }
+        Ok(registry)
     }
 
     pub fn insert(&mut self, name: &str, kernel: impl Kernel + 'static) {

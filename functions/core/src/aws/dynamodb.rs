@@ -267,45 +267,14 @@ impl DynamoStore {
         &self,
         tasks: &[PendingTask],
     ) -> Result<std::collections::HashSet<String>, Error> {
-        let mut pending = std::collections::HashSet::new();
-        for chunk in tasks.chunks(BATCH_GET_LIMIT) {
-            let mut keys: Vec<Item> = chunk.iter().map(|t| Self::task_key(&t.id)).collect();
-            for attempt in 0u32.. {
-                let request = KeysAndAttributes::builder()
-                    .set_keys(Some(keys))
-                    .consistent_read(true)
-                    .projection_expression("task_id, #status")
-                    .expression_attribute_names("#status", "status")
-                    .build()
-                    .map_err(|e| Error::service("build BatchGetItem", e))?;
-                let output = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table, request)
-                    .send()
-                    .await
-                    .map_err(|e| Error::service("BatchGetItem", e))?;
-                for item in output
-                    .responses
-                    .and_then(|mut r| r.remove(&self.table))
-                    .unwrap_or_default()
-                {
-                    if opt_s(&item, "status").as_deref() == Some(TaskStatus::Pending.as_str()) {
-                        pending.extend(opt_s(&item, "task_id"));
-                    }
-                }
-                keys = output
-                    .unprocessed_keys
-                    .and_then(|mut u| u.remove(&self.table))
-                    .map(|k| k.keys)
-                    .unwrap_or_default();
-                if keys.is_empty() || attempt >= 8 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-            }
-        }
-        Ok(pending)
+        let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+        Ok(self
+            .batch_get_tasks(&ids, Some("task_id, #status"))
+            .await?
+            .iter()
+            .filter(|item| opt_s(item, "status").as_deref() == Some(TaskStatus::Pending.as_str()))
+            .filter_map(|item| opt_s(item, "task_id"))
+            .collect())
     }
 
     async fn mark_queued_one(&self, run_id: &str, task_id: &str, now: &str) -> Result<bool, Error> {
@@ -331,6 +300,94 @@ impl DynamoStore {
                 (":now".into(), s(now)),
             ]),
         )
+    }
+
+    fn put_if_absent(&self, item: Item) -> Result<TransactWriteItem, Error> {
+        Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map(|put| TransactWriteItem::builder().put(put).build())
+            .map_err(|e| Error::service("build Put", e))
+    }
+
+    async fn insert_one(&self, task: &NewTask) -> Result<InsertOutcome, Error> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(self.new_task_item(task)))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(InsertOutcome::Inserted),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                let existing = self.get(Self::task_key(&task.id)).await?;
+                Ok(InsertOutcome::Exists {
+                    request_digest: existing
+                        .as_ref()
+                        .and_then(|item| opt_s(item, "request_digest")),
+                })
+            }
+            Err(e) => Err(Error::service("PutItem", e)),
+        }
+    }
+
+    /// Consistent `BatchGetItem` of task items, 100 keys a call, retrying
+    /// unprocessed keys; `projection` limits the attributes read.
+    async fn batch_get_tasks(
+        &self,
+        task_ids: &[String],
+        projection: Option<&str>,
+    ) -> Result<Vec<Item>, Error> {
+        let mut items = Vec::with_capacity(task_ids.len());
+        for chunk in task_ids.chunks(BATCH_GET_LIMIT) {
+            let mut keys: Vec<Item> = chunk.iter().map(|id| Self::task_key(id)).collect();
+            for attempt in 0u32.. {
+                let mut request = KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(true);
+                if let Some(projection) = projection {
+                    request = request
+                        .projection_expression(projection)
+                        .expression_attribute_names("#status", "status");
+                }
+                let request = request
+                    .build()
+                    .map_err(|e| Error::service("build BatchGetItem", e))?;
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, request)
+                    .send()
+                    .await
+                    .map_err(|e| Error::service("BatchGetItem", e))?;
+                items.extend(
+                    output
+                        .responses
+                        .and_then(|mut r| r.remove(&self.table))
+                        .unwrap_or_default(),
+                );
+                keys = output
+                    .unprocessed_keys
+                    .and_then(|mut u| u.remove(&self.table))
+                    .map(|k| k.keys)
+                    .unwrap_or_default();
+                if keys.is_empty() {
+                    break;
+                }
+                if attempt >= 8 {
+                    return Err(Error::service(
+                        "BatchGetItem",
+                        format!("{} keys still unprocessed", keys.len()),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            }
+        }
+        Ok(items)
     }
 
     fn new_task_item(&self, task: &NewTask) -> Item {
@@ -396,27 +453,23 @@ impl TaskWriter for DynamoStore {
         Ok(())
     }
 
-    async fn insert_task_once(&self, task: &NewTask) -> Result<InsertOutcome, Error> {
-        let result = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .set_item(Some(self.new_task_item(task)))
-            .condition_expression("attribute_not_exists(pk)")
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(InsertOutcome::Inserted),
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
-                let existing = self.get(Self::task_key(&task.id)).await?;
-                Ok(InsertOutcome::Exists {
-                    request_digest: existing
-                        .as_ref()
-                        .and_then(|item| opt_s(item, "request_digest")),
-                })
+    async fn insert_tasks_once(&self, tasks: &[NewTask]) -> Result<Vec<InsertOutcome>, Error> {
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(TRANSACTION_TASKS) {
+            let puts = chunk
+                .iter()
+                .map(|task| self.put_if_absent(self.new_task_item(task)))
+                .collect::<Result<Vec<_>, Error>>()?;
+            if self.transact(puts).await? {
+                outcomes.extend(chunk.iter().map(|_| InsertOutcome::Inserted));
+                continue;
             }
-            Err(e) => Err(Error::service("PutItem", e)),
+            // Some task exists (a retry, or a reused key): one by one.
+            for task in chunk {
+                outcomes.push(self.insert_one(task).await?);
+            }
         }
+        Ok(outcomes)
     }
 }
 
@@ -427,6 +480,14 @@ impl TaskReader for DynamoStore {
             .await?
             .map(|item| task_from_item(&item))
             .transpose()
+    }
+
+    async fn tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, Error> {
+        self.batch_get_tasks(task_ids, None)
+            .await?
+            .iter()
+            .map(task_from_item)
+            .collect()
     }
 
     async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error> {
@@ -662,16 +723,13 @@ impl RunStore for DynamoStore {
             ("failed".to_owned(), num(0)),
             ("fleet_requests".to_owned(), num(0)),
         ]);
-        let put = |item: Item| {
-            Put::builder()
-                .table_name(&self.table)
-                .set_item(Some(item))
-                .condition_expression("attribute_not_exists(pk)")
-                .build()
-                .map(|put| TransactWriteItem::builder().put(put).build())
-                .map_err(|e| Error::service("build Put", e))
-        };
-        if self.transact(vec![put(pointer)?, put(run_item)?]).await? {
+        if self
+            .transact(vec![
+                self.put_if_absent(pointer)?,
+                self.put_if_absent(run_item)?,
+            ])
+            .await?
+        {
             let run = self
                 .run(new_run_id)
                 .await?

@@ -16,6 +16,9 @@ const MAX_ASSETS: usize = 1_024;
 const MAX_POSITIONS: usize = 10_000;
 const MAX_LEVELS: usize = 16;
 const MAX_BINS: usize = 1_024;
+/// The most tail paths a level may have: the tally keeps them all (12 bytes
+/// each in a checkpoint).
+const MAX_TAIL: f64 = 2_000_000.0;
 const MAX_HORIZON_DAYS: f64 = 2_520.0;
 const MAX_EXPIRY_DAYS: f64 = 25_200.0;
 /// Bounds on prices, strikes and quantities that keep every P&L finite.
@@ -115,7 +118,9 @@ pub fn parse(value: &Value, max_paths: u64) -> Result<Spec, KernelError> {
     check((1..=max_paths).contains(&payload.paths), || {
         format!("paths: must be between 1 and {max_paths}")
     })?;
-    check(payload.paths <= u64::from(u32::MAX), || "paths: too many".into())?;
+    check(payload.paths <= u64::from(u32::MAX), || {
+        "paths: too many".into()
+    })?;
     check(
         payload.horizon_days.is_finite()
             && payload.horizon_days > 0.0
@@ -132,6 +137,11 @@ pub fn parse(value: &Value, max_paths: u64) -> Result<Spec, KernelError> {
         check(level.is_finite() && (0.5..1.0).contains(level), || {
             format!("confidence[{i}]: must be at least 0.5 and below 1")
         })?;
+        check((1.0 - level) * payload.paths as f64 <= MAX_TAIL, || {
+            format!(
+                "confidence[{i}]: (1 - confidence) x paths must be at most {MAX_TAIL}, the tail the kernel keeps"
+            )
+        })?;
     }
     check((1..=MAX_BINS).contains(&payload.histogram_bins), || {
         format!("histogram_bins: must be between 1 and {MAX_BINS}")
@@ -139,7 +149,11 @@ pub fn parse(value: &Value, max_paths: u64) -> Result<Spec, KernelError> {
     let index = check_assets(&payload.assets)?;
     let factor = check_correlation(&payload.correlation, payload.assets.len())?;
     let asset_of = check_positions(&payload.positions, &index)?;
-    Ok(Spec { payload, asset_of, factor })
+    Ok(Spec {
+        payload,
+        asset_of,
+        factor,
+    })
 }
 
 fn check_assets(assets: &[Asset]) -> Result<HashMap<&str, usize>, KernelError> {
@@ -148,7 +162,9 @@ fn check_assets(assets: &[Asset]) -> Result<HashMap<&str, usize>, KernelError> {
     })?;
     let mut index = HashMap::new();
     for (i, asset) in assets.iter().enumerate() {
-        check(!asset.name.is_empty(), || format!("assets[{i}].name: empty"))?;
+        check(!asset.name.is_empty(), || {
+            format!("assets[{i}].name: empty")
+        })?;
         check(index.insert(asset.name.as_str(), i).is_none(), || {
             format!("assets[{i}].name: {:?} appears twice", asset.name)
         })?;
@@ -166,9 +182,10 @@ fn check_assets(assets: &[Asset]) -> Result<HashMap<&str, usize>, KernelError> {
 }
 
 fn check_correlation(matrix: &[Vec<f64>], n: usize) -> Result<Vec<f64>, KernelError> {
-    check(matrix.len() == n && matrix.iter().all(|row| row.len() == n), || {
-        format!("correlation: must be a {n}x{n} matrix, one row and column per asset")
-    })?;
+    check(
+        matrix.len() == n && matrix.iter().all(|row| row.len() == n),
+        || format!("correlation: must be a {n}x{n} matrix, one row and column per asset"),
+    )?;
     for (i, row) in matrix.iter().enumerate() {
         for (j, &c) in row.iter().enumerate() {
             check(c.is_finite() && c.abs() <= 1.0 + MATRIX_TOLERANCE, || {

@@ -7,15 +7,13 @@ use rayon::prelude::*;
 use super::input::Spec;
 use super::model::{LANES, Lanes, Model, Scratch};
 use super::rng;
-use super::tally::{Tally, TailPath, worst};
+use super::tally::{Segment, TailPath, Tally};
 
 /// Paths per chunk: the unit of parallel work and of checkpointing.
 pub const CHUNK: u64 = 1_024;
 /// Paths of the pilot run that fixes the histogram's range and the shift of the sums.
 const PILOT_PATHS: u64 = 256;
-const PILOT_STREAM: u64 = 0x7069_6c6f_74;
-/// Chunks run between two folds (and two looks at the stop flag), per thread.
-const WAVE_PER_THREAD: u64 = 16;
+const PILOT_STREAM: u64 = 0x0070_696c_6f74;
 /// Tail paths per parallel task of the contribution pass.
 const TAIL_TASK: usize = 256;
 
@@ -64,7 +62,7 @@ pub struct Job {
 
 /// Per level: for each position, the sum of its losses over the tail paths and
 /// the sum of their squares.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct TailSums {
     pub losses: Vec<f64>,
     pub squares: Vec<f64>,
@@ -84,7 +82,11 @@ impl Job {
                 let exact = (1.0 - confidence) * paths as f64;
                 let tail = ((exact - 1e-7).ceil() as usize).clamp(1, paths as usize);
                 let spacing = (tail as f64).sqrt().ceil() as usize;
-                Level { confidence, tail, spacing }
+                Level {
+                    confidence,
+                    tail,
+                    spacing,
+                }
             })
             .collect();
         let tail_cap = levels
@@ -93,7 +95,16 @@ impl Job {
             .max()
             .unwrap_or(1);
         let (shift, bins) = pilot(&model, key, payload.histogram_bins);
-        Self { model, key, paths, horizon_days: payload.horizon_days, levels, tail_cap, shift, bins }
+        Self {
+            model,
+            key,
+            paths,
+            horizon_days: payload.horizon_days,
+            levels,
+            tail_cap,
+            shift,
+            bins,
+        }
     }
 
     pub fn chunks(&self) -> u64 {
@@ -103,64 +114,60 @@ impl Job {
     /// Runs the chunks the tally lacks. Returns false if it stopped because
     /// `stop` turned true; the tally then holds every chunk finished in order.
     pub fn advance(&self, tally: &mut Tally, stop: &(dyn Fn() -> bool + Sync)) -> bool {
-        let wave = WAVE_PER_THREAD * rayon::current_num_threads() as u64;
-        while tally.chunks < self.chunks() {
-            if stop() {
-                return false;
-            }
-            let first = tally.chunks;
-            let last = (first + wave).min(self.chunks());
-            let results: Vec<Option<Tally>> = (first..last)
-                .into_par_iter()
-                .map_init(
-                    || self.model.scratch(),
-                    |scratch, chunk| (!stop()).then(|| self.run_chunk(chunk, scratch)),
-                )
-                .collect();
-            let mut tails = Vec::new();
-            let mut complete = true;
-            for result in results {
-                let Some(chunk) = result else {
-                    complete = false;
-                    break;
-                };
-                tally.absorb(&chunk);
-                tails.extend(chunk.tail);
-            }
-            tally.merge_tail(worst(tails, self.tail_cap), self.tail_cap);
-            if !complete {
-                return false;
-            }
-        }
-        true
+        let bins = self.bins.count;
+        let segment = (tally.chunks..self.chunks())
+            .into_par_iter()
+            .map_init(
+                || self.model.scratch(),
+                |scratch, chunk| {
+                    if stop() {
+                        Segment::skipped(bins)
+                    } else {
+                        self.run_chunk(chunk, scratch)
+                    }
+                },
+            )
+            .reduce(|| Segment::empty(bins), |a, b| a.then(b, self.tail_cap));
+        let complete = segment.complete;
+        tally.absorb(segment, self.tail_cap);
+        complete
     }
 
-    fn run_chunk(&self, chunk: u64, scratch: &mut Scratch) -> Tally {
+    fn run_chunk(&self, chunk: u64, scratch: &mut Scratch) -> Segment {
         let start = chunk * CHUNK;
         let end = (start + CHUNK).min(self.paths);
-        let mut tally = Tally::new(self.bins.count);
-        let mut losses = Vec::with_capacity(CHUNK as usize);
-        let mut pnl = [0.0; LANES];
-        for block in (start..end).step_by(LANES) {
+        let mut pnl = vec![0.0; (end - start) as usize];
+        let mut block_pnl = [0.0; LANES];
+        for (block, out) in (start..end).step_by(LANES).zip(pnl.chunks_mut(LANES)) {
             let paths = std::array::from_fn(|lane| (block + lane as u64).min(end - 1));
             self.model.simulate(self.key, &paths, scratch);
-            self.model.pnl(scratch, &mut pnl);
-            let live = (end - block).min(LANES as u64) as usize;
-            for (&path, &pnl) in paths.iter().zip(&pnl).take(live) {
-                tally.add(pnl, self.shift, self.bins.index(pnl));
-                losses.push(TailPath { loss: -pnl, path: path as u32 });
-            }
+            self.model.pnl(scratch, &mut block_pnl);
+            out.copy_from_slice(&block_pnl[..out.len()]);
         }
-        tally.tail = worst(losses, self.tail_cap);
-        tally
+        let paths = (start as u32..)
+            .zip(pnl)
+            .map(|(path, pnl)| (path, pnl, self.bins.index(pnl)));
+        Segment::chunk(paths, self.shift, self.bins.count, self.tail_cap)
     }
 
     /// Re-simulates the tail paths to split each level's tail loss by position.
     pub fn tail_sums(&self, tail: &[TailPath]) -> Vec<TailSums> {
-        let deepest = self.levels.iter().map(|l| l.tail).max().unwrap_or(0).min(tail.len());
+        let deepest = self
+            .levels
+            .iter()
+            .map(|l| l.tail)
+            .max()
+            .unwrap_or(0)
+            .min(tail.len());
         let empty = || {
             let zeros = vec![0.0; self.model.positions()];
-            vec![TailSums { losses: zeros.clone(), squares: zeros }; self.levels.len()]
+            vec![
+                TailSums {
+                    losses: zeros.clone(),
+                    squares: zeros
+                };
+                self.levels.len()
+            ]
         };
         let parts: Vec<Vec<TailSums>> = tail[..deepest]
             .par_chunks(TAIL_TASK)
@@ -180,7 +187,12 @@ impl Job {
         })
     }
 
-    fn tail_task(&self, first_rank: usize, paths: &[TailPath], mut sums: Vec<TailSums>) -> Vec<TailSums> {
+    fn tail_task(
+        &self,
+        first_rank: usize,
+        paths: &[TailPath],
+        mut sums: Vec<TailSums>,
+    ) -> Vec<TailSums> {
         let mut scratch = self.model.scratch();
         let mut pnl: Lanes = [0.0; LANES];
         for (block_index, block) in paths.chunks(LANES).enumerate() {
@@ -228,5 +240,12 @@ fn pilot(model: &Model, key: u64, bins: usize) -> (f64, Bins) {
     } else {
         (shift - 0.5, shift + 0.5)
     };
-    (shift, Bins { low, width: (high - low) / bins as f64, count: bins })
+    (
+        shift,
+        Bins {
+            low,
+            width: (high - low) / bins as f64,
+            count: bins,
+        },
+    )
 }

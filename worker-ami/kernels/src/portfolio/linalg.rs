@@ -21,12 +21,15 @@ pub fn cholesky(matrix: &[Vec<f64>]) -> Result<Vec<f64>, usize> {
         if pivot < NEGATIVE_PIVOT {
             return Err(j);
         }
-        let diagonal = if pivot > ZERO_PIVOT { pivot.sqrt() } else { 0.0 };
+        let diagonal = if pivot > ZERO_PIVOT {
+            pivot.sqrt()
+        } else {
+            0.0
+        };
         factor[row_j + j] = diagonal;
-        for i in j + 1..n {
+        for (i, row) in matrix.iter().enumerate().skip(j + 1) {
             let row_i = start(i);
-            let residual =
-                matrix[i][j] - dot(&factor[row_i..row_i + j], &factor[row_j..row_j + j]);
+            let residual = row[j] - dot(&factor[row_i..row_i + j], &factor[row_j..row_j + j]);
             factor[row_i + j] = if diagonal > 0.0 {
                 residual / diagonal
             } else if residual.abs() <= ZERO_RESIDUAL {
@@ -48,9 +51,19 @@ mod tests {
     use super::*;
 
     fn rebuild(factor: &[f64], n: usize) -> Vec<Vec<f64>> {
-        let at = |i: usize, k: usize| if k <= i { factor[i * (i + 1) / 2 + k] } else { 0.0 };
+        let at = |i: usize, k: usize| {
+            if k <= i {
+                factor[i * (i + 1) / 2 + k]
+            } else {
+                0.0
+            }
+        };
         (0..n)
-            .map(|i| (0..n).map(|j| (0..n).map(|k| at(i, k) * at(j, k)).sum()).collect())
+            .map(|i| {
+                (0..n)
+                    .map(|j| (0..n).map(|k| at(i, k) * at(j, k)).sum())
+                    .collect()
+            })
             .collect()
     }
 
@@ -71,7 +84,11 @@ mod tests {
 
     #[test]
     fn accepts_perfect_correlation() {
-        let m = vec![vec![1.0, 1.0, 0.5], vec![1.0, 1.0, 0.5], vec![0.5, 0.5, 1.0]];
+        let m = vec![
+            vec![1.0, 1.0, 0.5],
+            vec![1.0, 1.0, 0.5],
+            vec![0.5, 0.5, 1.0],
+        ];
         let factor = cholesky(&m).expect("semi-definite");
         assert_eq!(factor[1..3], [1.0, 0.0]);
         assert!((rebuild(&factor, 3)[2][2] - 1.0).abs() < 1e-15);
@@ -85,7 +102,11 @@ mod tests {
             vec![-0.9, 0.9, 1.0],
         ];
         assert_eq!(cholesky(&m), Err(2));
-        let m = vec![vec![1.0, 1.0, 0.0], vec![1.0, 1.0, 0.5], vec![0.0, 0.5, 1.0]];
+        let m = vec![
+            vec![1.0, 1.0, 0.0],
+            vec![1.0, 1.0, 0.5],
+            vec![0.0, 0.5, 1.0],
+        ];
         assert_eq!(cholesky(&m), Err(2));
     }
 }

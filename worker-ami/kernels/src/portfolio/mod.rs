@@ -68,7 +68,9 @@ impl PortfolioKernel {
         };
         if !job.advance(&mut tally, stop) {
             let checkpoint = checkpoint::encode(&tally, fingerprint);
-            return Ok(Outcome::Stopped { checkpoint: Some(checkpoint) });
+            return Ok(Outcome::Stopped {
+                checkpoint: Some(checkpoint),
+            });
         }
         let (result, summary) = report::report(&job, &tally);
         Ok(Outcome::Done { result, summary })
@@ -77,7 +79,9 @@ impl PortfolioKernel {
 
 impl Default for PortfolioKernel {
     fn default() -> Self {
-        Self { max_paths: Self::DEFAULT_MAX_PATHS }
+        Self {
+            max_paths: Self::DEFAULT_MAX_PATHS,
+        }
     }
 }
 

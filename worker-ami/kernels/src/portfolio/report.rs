@@ -18,8 +18,16 @@ pub fn report(job: &Job, tally: &Tally) -> (Value, String) {
     let mean = job.shift + s1;
     let m2 = (s2 - s1 * s1).max(0.0);
     let m4 = (s4 - 4.0 * s1 * s3 + 6.0 * s1 * s1 * s2 - 3.0 * s1 * s1 * s1 * s1).max(0.0);
-    let stdev = if job.paths > 1 { (m2 * n / (n - 1.0)).sqrt() } else { 0.0 };
-    let stdev_se = if m2 > 0.0 { ((m4 - m2 * m2).max(0.0) / (4.0 * m2 * n)).sqrt() } else { 0.0 };
+    let stdev = if job.paths > 1 {
+        (m2 * n / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    let stdev_se = if m2 > 0.0 {
+        ((m4 - m2 * m2).max(0.0) / (4.0 * m2 * n)).sqrt()
+    } else {
+        0.0
+    };
     let (levels, headlines): (Vec<Value>, Vec<Headline>) = job
         .levels
         .iter()
@@ -73,7 +81,11 @@ fn level_report(level: &Level, tail: &[TailPath], sums: &TailSums, n: f64) -> (V
     } else {
         0.0
     };
-    let tail_variance = tail[..k].iter().map(|t| (t.loss - es) * (t.loss - es)).sum::<f64>() / k as f64;
+    let tail_variance = tail[..k]
+        .iter()
+        .map(|t| (t.loss - es) * (t.loss - es))
+        .sum::<f64>()
+        / k as f64;
     let es_se = ((tail_variance + alpha * (es - var) * (es - var)) / k as f64).sqrt();
     let kf = k as f64;
     let contributions: Vec<f64> = sums.losses.iter().map(|s| s / kf).collect();
@@ -92,7 +104,14 @@ fn level_report(level: &Level, tail: &[TailPath], sums: &TailSums, n: f64) -> (V
         "es_contributions": contributions,
         "es_contribution_se": contribution_se,
     });
-    (figures, Headline { confidence: alpha, var, es })
+    (
+        figures,
+        Headline {
+            confidence: alpha,
+            var,
+            es,
+        },
+    )
 }
 
 /// E.g. "VaR99 1.23M ES99 1.50M (20k paths)", at the highest level.

@@ -5,7 +5,8 @@
 
 use super::math;
 
-const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+/// SplitMix64's increment: word `i + 1`'s state is word `i`'s plus this.
+pub const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 const ONE_BITS: u64 = 0x3ff0_0000_0000_0000;
 const MANTISSA: u64 = 0x000f_ffff_ffff_ffff;
 
@@ -17,10 +18,16 @@ pub fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The state behind word `counter` of the stream `key`: the word is `mix(state)`.
+#[inline(always)]
+pub fn state(key: u64, counter: u64) -> u64 {
+    key.wrapping_add(counter.wrapping_add(1).wrapping_mul(GAMMA))
+}
+
 /// Word `counter` of the stream `key`.
 #[inline(always)]
 pub fn word(key: u64, counter: u64) -> u64 {
-    mix(key.wrapping_add(counter.wrapping_add(1).wrapping_mul(GAMMA)))
+    mix(state(key, counter))
 }
 
 /// A 64-bit hash of `bytes` seeded with `seed` (FNV-1a, then mixed).
@@ -31,16 +38,22 @@ pub fn hash(seed: u64, bytes: &[u8]) -> u64 {
     mix(fnv ^ mix(seed))
 }
 
-/// Two independent standard normals from two random words (Box-Muller).
+// Box-Muller: two independent standard normals are `radius(a)·direction(b)`
+// for two random words a and b.
+
+/// sqrt(−2 ln u) for u uniform on (0, 1]; 52 bits cut the tail at 8.5 sigma.
 #[inline(always)]
-pub fn normal_pair(radius_word: u64, angle_word: u64) -> (f64, f64) {
-    // u in (0, 1] so that ln u is finite; 52 bits cut the tail at 8.5 sigma.
-    let u = 2.0 - f64::from_bits(ONE_BITS | (radius_word & MANTISSA));
-    let radius = (-2.0 * math::ln(u)).sqrt();
-    // The angle: a quadrant from the top two bits, an offset in it from the low 52.
-    let turn = f64::from_bits(ONE_BITS | (angle_word & MANTISSA)) - 1.5;
-    let (cos, sin) = math::cos_sin_quadrant(angle_word >> 62, turn);
-    (radius * cos, radius * sin)
+pub fn radius(word: u64) -> f64 {
+    let u = 2.0 - f64::from_bits(ONE_BITS | (word & MANTISSA));
+    (-2.0 * math::ln(u)).sqrt()
+}
+
+/// (cos θ, sin θ) for θ uniform on the circle: a quadrant from the top two
+/// bits, an offset in it from the low 52.
+#[inline(always)]
+pub fn direction(word: u64) -> (f64, f64) {
+    let turn = f64::from_bits(ONE_BITS | (word & MANTISSA)) - 1.5;
+    math::cos_sin_quadrant(word >> 62, turn)
 }
 
 #[cfg(test)]
@@ -63,7 +76,8 @@ mod tests {
         let n = 200_000_u64;
         let (mut s1, mut s2, mut s4, mut cross) = (0.0, 0.0, 0.0, 0.0);
         for i in 0..n {
-            let (a, b) = normal_pair(word(7, 2 * i), word(7, 2 * i + 1));
+            let (r, (cos, sin)) = (radius(word(7, 2 * i)), direction(word(7, 2 * i + 1)));
+            let (a, b) = (r * cos, r * sin);
             s1 += a + b;
             s2 += a * a + b * b;
             s4 += a.powi(4) + b.powi(4);
@@ -73,6 +87,10 @@ mod tests {
         assert!((s1 / m).abs() < 0.01, "mean {}", s1 / m);
         assert!((s2 / m - 1.0).abs() < 0.01, "variance {}", s2 / m);
         assert!((s4 / m - 3.0).abs() < 0.05, "fourth moment {}", s4 / m);
-        assert!((cross / n as f64).abs() < 0.01, "correlation {}", cross / n as f64);
+        assert!(
+            (cross / n as f64).abs() < 0.01,
+            "correlation {}",
+            cross / n as f64
+        );
     }
 }
