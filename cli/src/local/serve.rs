@@ -128,7 +128,8 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         trigger: Arc::new(ChannelTrigger(wake_tx)),
         limits: Limits::with_builtin_kernels(
             usize::try_from(number("MaxPayloadBytes")?).unwrap_or(usize::MAX),
-        ),
+        )
+        .with_programs(parameters.get("ProgramKernels").map_or("", String::as_str)),
         inline_limit: usize::try_from(number("InlineLimitBytes")?).unwrap_or(usize::MAX),
     };
     let api_listener = bind(options.api_port).await?;

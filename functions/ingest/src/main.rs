@@ -35,7 +35,8 @@ async fn main() -> Result<(), lambda_http::Error> {
             aws_sdk_lambda::Client::new(&aws),
             dispatcher,
         )),
-        limits: Limits::with_builtin_kernels(max_payload_bytes),
+        limits: Limits::with_builtin_kernels(max_payload_bytes)
+            .with_programs(&std::env::var("NIGHTSHIFT_PROGRAM_KERNELS").unwrap_or_default()),
         inline_limit,
     };
     lambda_http::run(router(api)).await

@@ -34,6 +34,14 @@ impl Limits {
             default_kernel: nightshift_kernels::DEFAULT_KERNEL.to_owned(),
         }
     }
+
+    /// Also accepts the programs the workers' image offers, given as a
+    /// comma-separated list of names.
+    pub fn with_programs(mut self, names: &str) -> Self {
+        let names = names.split(',').map(str::trim).filter(|n| !n.is_empty());
+        self.kernels.extend(names.map(str::to_owned));
+        self
+    }
 }
 
 const MAX_ACCOUNT_LEN: usize = 128;

@@ -14,6 +14,24 @@ use nightshift_worker::{Ports, Settings, Worker};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+/// Where the image keeps the programs tasks may run, unless
+/// `NIGHTSHIFT_PROGRAMS_FILE` says otherwise.
+const PROGRAMS_FILE: &str = "/etc/nightshift/programs.json";
+
+/// The built-in kernels and the configured programs
+/// (`{"name": {"path": ..., "args": [...], "timeout_secs": ...}}`).
+fn registry() -> Result<Registry, Box<dyn std::error::Error + Send + Sync>> {
+    let path = match std::env::var("NIGHTSHIFT_PROGRAMS_FILE") {
+        Ok(path) if !path.is_empty() => std::path::PathBuf::from(path),
+        _ if std::path::Path::new(PROGRAMS_FILE).exists() => PROGRAMS_FILE.into(),
+        _ => return Ok(Registry::builtin()),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let programs: std::collections::BTreeMap<String, nightshift_kernels::ProgramSpec> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Registry::with_programs(programs)?)
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     tracing_subscriber::fmt()
@@ -64,7 +82,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         tracing::info!("shutdown signal: taking no new work");
         let _ = stop.send(true);
     });
-    let exit = Worker::new(ports, Registry::builtin(), settings)
+    let exit = Worker::new(ports, registry()?, settings)
         .run(stopped)
         .await?;
     tracing::info!(?exit, "exit");
