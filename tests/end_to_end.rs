@@ -438,3 +438,31 @@ async fn a_spot_interruption_hands_the_task_back_without_using_its_retries() {
     );
     assert!(log.contains("\"checkpointed\":true"), "with its checkpoint");
 }
+
+/// Heartbeats keep a healthy task that outlives its visibility timeout
+/// invisible: it runs once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_longer_than_its_visibility_timeout_runs_once() {
+    let stack = Stack::start(&[("TaskVisibilityTimeout", "3"), ("SlotsPerInstance", "1")]).await;
+    let ids = stack.submit(&[sleep_task("slow", 8.0)]).await;
+    let run_id = stack.start_run().await;
+    let report = stack.finish(&run_id, RUN_TIMEOUT).await;
+    let line = &report["tasks"][0];
+    assert_eq!(
+        (line["task_id"].as_str(), line["attempts"].as_u64()),
+        (Some(ids[0].as_str()), Some(1)),
+        "{line}"
+    );
+    let starts: usize = std::fs::read_dir(stack.workers_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap()
+                .matches("\"task started\"")
+                .count()
+        })
+        .sum();
+    assert_eq!(starts, 1, "the kernel ran once");
+}
