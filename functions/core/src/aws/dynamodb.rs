@@ -35,8 +35,9 @@ type Item = HashMap<String, AttributeValue>;
 
 const BATCH_WRITE_LIMIT: usize = 25;
 const BATCH_GET_LIMIT: usize = 100;
-/// A transaction holds at most 100 items; one is kept for the run counter.
-const TRANSACTION_TASKS: usize = 99;
+const TRANSACTION_ITEMS: usize = 100;
+/// Tasks per transaction, leaving one item for the run counter.
+const TRANSACTION_TASKS: usize = TRANSACTION_ITEMS - 1;
 const CURRENT_RUN_KEY: &str = "CURRENT_RUN";
 const DEFAULT_DEAD_LETTER_ERROR: &str = "no attempt succeeded within the queue's delivery limit";
 
@@ -249,16 +250,28 @@ impl DynamoStore {
             TaskOutcome::Done { .. } => "done",
             TaskOutcome::Failed { .. } => "failed",
         };
+        let update = self.result_update(result)?;
+        self.record_with_counter(update, &result.task_id, &result.run_id, counter)
+            .await
+    }
+
+    /// Applies a conditional change to a task together with one step of a
+    /// run counter; when the condition refuses, says why.
+    async fn record_with_counter(
+        &self,
+        update: Update,
+        task_id: &str,
+        run_id: &str,
+        counter: &str,
+    ) -> Result<RecordOutcome, Error> {
         let items = vec![
-            TransactWriteItem::builder()
-                .update(self.result_update(result)?)
-                .build(),
-            self.run_counter(&result.run_id, &[(counter, 1)])?,
+            TransactWriteItem::builder().update(update).build(),
+            self.run_counter(run_id, &[(counter, 1)])?,
         ];
         if self.transact(items).await? {
             Ok(RecordOutcome::Recorded)
         } else {
-            self.classify(&result.task_id, &result.run_id, None).await
+            self.classify(task_id, run_id, None).await
         }
     }
 
@@ -378,13 +391,7 @@ impl DynamoStore {
                 if keys.is_empty() {
                     break;
                 }
-                if attempt >= 8 {
-                    return Err(Error::service(
-                        "BatchGetItem",
-                        format!("{} keys still unprocessed", keys.len()),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                pause_before_retry("BatchGetItem", attempt, keys.len()).await?;
             }
         }
         Ok(items)
@@ -441,13 +448,7 @@ impl TaskWriter for DynamoStore {
                 if requests.is_empty() {
                     break;
                 }
-                if attempt >= 8 {
-                    return Err(Error::service(
-                        "BatchWriteItem",
-                        format!("{} items still unprocessed after retries", requests.len()),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                pause_before_retry("BatchWriteItem", attempt, requests.len()).await?;
             }
         }
         Ok(())
@@ -585,7 +586,19 @@ impl ResultRecorder for DynamoStore {
     async fn record_results(&self, results: &[TaskResult]) -> Result<Vec<RecordOutcome>, Error> {
         let mut distinct = std::collections::HashSet::new();
         let all_distinct = results.iter().all(|r| distinct.insert(r.task_id.as_str()));
-        if all_distinct && !results.is_empty() && results.len() <= TRANSACTION_TASKS - 9 {
+        let mut counters: HashMap<&str, (u64, u64)> = HashMap::new();
+        for result in results {
+            let entry = counters.entry(result.run_id.as_str()).or_default();
+            match result.outcome {
+                TaskOutcome::Done { .. } => entry.0 += 1,
+                TaskOutcome::Failed { .. } => entry.1 += 1,
+            }
+        }
+        // One transaction holds at most 100 items: the tasks and a counter per run.
+        if all_distinct
+            && !results.is_empty()
+            && results.len() + counters.len() <= TRANSACTION_ITEMS
+        {
             let mut items = results
                 .iter()
                 .map(|r| {
@@ -594,14 +607,6 @@ impl ResultRecorder for DynamoStore {
                         .build())
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
-            let mut counters: HashMap<&str, (u64, u64)> = HashMap::new();
-            for result in results {
-                let entry = counters.entry(result.run_id.as_str()).or_default();
-                match result.outcome {
-                    TaskOutcome::Done { .. } => entry.0 += 1,
-                    TaskOutcome::Failed { .. } => entry.1 += 1,
-                }
-            }
             for (run_id, (done, failed)) in counters {
                 items.push(self.run_counter(run_id, &[("done", done), ("failed", failed)])?);
             }
@@ -679,15 +684,8 @@ impl ResultRecorder for DynamoStore {
                 (":error".into(), s(DEFAULT_DEAD_LETTER_ERROR)),
             ]),
         )?;
-        let items = vec![
-            TransactWriteItem::builder().update(update).build(),
-            self.run_counter(run_id, &[("failed", 1)])?,
-        ];
-        if self.transact(items).await? {
-            Ok(RecordOutcome::Recorded)
-        } else {
-            self.classify(task_id, run_id, None).await
-        }
+        self.record_with_counter(update, task_id, run_id, "failed")
+            .await
     }
 }
 
@@ -723,6 +721,7 @@ impl RunStore for DynamoStore {
             ("failed".to_owned(), num(0)),
             ("fleet_requests".to_owned(), num(0)),
         ]);
+        let run = run_from_item(&run_item)?;
         if self
             .transact(vec![
                 self.put_if_absent(pointer)?,
@@ -730,10 +729,6 @@ impl RunStore for DynamoStore {
             ])
             .await?
         {
-            let run = self
-                .run(new_run_id)
-                .await?
-                .ok_or_else(|| Error::malformed("run", "missing right after it was written"))?;
             return Ok((run, true));
         }
         // Another caller opened a run first: that one is the run.
@@ -753,50 +748,33 @@ impl RunStore for DynamoStore {
     ) -> Result<bool, Error> {
         let now_ms = now.timestamp_millis().unsigned_abs();
         let until = now_ms + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2);
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::run_key(run_id)))
-            .update_expression("SET lease_owner = :owner, lease_until = :until")
-            .condition_expression(
-                "#state = :open AND (attribute_not_exists(lease_until) OR lease_until < :now)",
-            )
-            .expression_attribute_names("#state", "state")
-            .expression_attribute_values(":owner", s(owner))
-            .expression_attribute_values(":until", num(until))
-            .expression_attribute_values(":now", num(now_ms))
-            .expression_attribute_values(":open", s(RunState::Open.as_str()))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
-                Ok(false)
-            }
-            Err(e) => Err(Error::service("UpdateItem lease", e)),
-        }
+        self.conditional_update(self.update(
+            Self::run_key(run_id),
+            "SET #lease_owner = :owner, #lease_until = :until",
+            Some("#state = :open AND (attribute_not_exists(#lease_until) OR #lease_until < :now)"),
+            &["lease_owner", "lease_until", "state"],
+            HashMap::from([
+                (":owner".into(), s(owner)),
+                (":until".into(), num(until)),
+                (":now".into(), num(now_ms)),
+                (":open".into(), s(RunState::Open.as_str())),
+            ]),
+        )?)
+        .await
     }
 
     async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), Error> {
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::run_key(run_id)))
-            .update_expression("REMOVE lease_owner, lease_until")
-            .condition_expression("lease_owner = :owner")
-            .expression_attribute_values(":owner", s(owner))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            // Expired and taken over: nothing of ours to release.
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
-                Ok(())
-            }
-            Err(e) => Err(Error::service("UpdateItem lease", e)),
-        }
+        // A refusal means the lease expired and was taken over: nothing of
+        // ours is left to release.
+        self.conditional_update(self.update(
+            Self::run_key(run_id),
+            "REMOVE #lease_owner, #lease_until",
+            Some("#lease_owner = :owner"),
+            &["lease_owner", "lease_until"],
+            HashMap::from([(":owner".into(), s(owner))]),
+        )?)
+        .await?;
+        Ok(())
     }
 
     async fn record_fleet(
@@ -805,30 +783,31 @@ impl RunStore for DynamoStore {
         request_number: u32,
         instance_ids: &[String],
     ) -> Result<(), Error> {
-        let mut request = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(Self::run_key(run_id)))
-            .condition_expression("fleet_requests = :n")
-            .expression_attribute_values(":n", num(u64::from(request_number)))
-            .expression_attribute_values(":next", num(u64::from(request_number) + 1));
-        request = if instance_ids.is_empty() {
-            request.update_expression("SET fleet_requests = :next")
+        let mut values: Item = HashMap::from([
+            (":n".into(), num(u64::from(request_number))),
+            (":next".into(), num(u64::from(request_number) + 1)),
+        ]);
+        let mut names = vec!["fleet_requests"];
+        let mut expression = "SET #fleet_requests = :next".to_owned();
+        if !instance_ids.is_empty() {
+            values.insert(":ids".into(), AttributeValue::Ss(instance_ids.to_vec()));
+            names.push("instances");
+            expression.push_str(" ADD #instances :ids");
+        }
+        let update = self.update(
+            Self::run_key(run_id),
+            &expression,
+            Some("#fleet_requests = :n"),
+            &names,
+            values,
+        )?;
+        if self.conditional_update(update).await? {
+            Ok(())
         } else {
-            request
-                .update_expression("SET fleet_requests = :next ADD instances :ids")
-                .expression_attribute_values(":ids", AttributeValue::Ss(instance_ids.to_vec()))
-        };
-        match request.send().await {
-            Ok(_) => Ok(()),
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
-                Err(Error::malformed(
-                    "run",
-                    format!("fleet request {request_number} of {run_id} was already recorded"),
-                ))
-            }
-            Err(e) => Err(Error::service("UpdateItem fleet", e)),
+            Err(Error::malformed(
+                "run",
+                format!("fleet request {request_number} of {run_id} was already recorded"),
+            ))
         }
     }
 
@@ -857,6 +836,23 @@ impl RunStore for DynamoStore {
         ])
         .await
     }
+}
+
+/// Backs off before retrying the `unprocessed` entries DynamoDB left of a
+/// batch call, as it asks; gives up after 8 retries.
+async fn pause_before_retry(
+    operation: &'static str,
+    attempt: u32,
+    unprocessed: usize,
+) -> Result<(), Error> {
+    if attempt >= 8 {
+        return Err(Error::service(
+            operation,
+            format!("{unprocessed} entries still unprocessed after retries"),
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+    Ok(())
 }
 
 fn key(pk: &str, sk: &str) -> Item {
