@@ -73,6 +73,19 @@ struct Held {
     messages: Mutex<HashMap<String, Control>>,
 }
 
+/// Removes a message from [`Held`] when its task ends, however it ends (a
+/// panic included), so heartbeats never keep an abandoned message hidden.
+struct HeldEntry {
+    held: Arc<Held>,
+    receipt: String,
+}
+
+impl Drop for HeldEntry {
+    fn drop(&mut self) {
+        self.held.lock().remove(&self.receipt);
+    }
+}
+
 impl Held {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Control>> {
         self.messages
@@ -146,7 +159,7 @@ impl Worker {
         let spot_watch = tokio::spawn(watch_spot(context.clone(), interrupt_tx));
 
         let exit = receive_loop(&context, &held, &mut shutdown, &mut interrupted).await;
-        let exit = finish(exit, &context, &held).await;
+        let exit = finish(exit, &context).await;
         heartbeat.abort();
         spot_watch.abort();
         Ok(exit)
@@ -203,11 +216,14 @@ async fn receive_loop(
         for message in messages {
             let control = Control::new();
             held.lock().insert(message.receipt.clone(), control.clone());
-            let (context, held) = (context.clone(), held.clone());
+            let entry = HeldEntry {
+                held: held.clone(),
+                receipt: message.receipt.clone(),
+            };
+            let context = context.clone();
             running.spawn(async move {
-                let receipt = message.receipt.clone();
+                let _entry = entry;
                 task::process(&context, message, control).await;
-                held.lock().remove(&receipt);
             });
         }
     }
@@ -223,21 +239,7 @@ async fn stop_running(mut running: JoinSet<()>, held: &Held, exit: Exit) -> Exit
     exit
 }
 
-async fn finish(exit: Exit, context: &Context, held: &Held) -> Exit {
-    let leftover: Vec<String> = held.lock().keys().cloned().collect();
-    if !leftover.is_empty() {
-        // Anything not handed back is made visible again at once.
-        for chunk in leftover.chunks(10) {
-            if let Err(error) = context
-                .ports
-                .tasks
-                .change_visibility_batch(chunk, Duration::ZERO)
-                .await
-            {
-                tracing::warn!(%error, "could not release messages; they reappear after the timeout");
-            }
-        }
-    }
+async fn finish(exit: Exit, context: &Context) -> Exit {
     if exit == Exit::Idle {
         tracing::info!(instance_id = %context.instance_id, "queue drained; terminating this instance");
         if let Err(error) = context
