@@ -31,8 +31,11 @@ fn program(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Read when the test runs (cargo sets it), not when it is compiled: a
+/// build cache shared by two checkouts must not send one to the other.
 fn repository() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo test");
+    Path::new(&manifest_dir).join("..")
 }
 
 impl Stack {
