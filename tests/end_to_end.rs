@@ -142,12 +142,7 @@ async fn a_killed_worker_loses_no_task() {
         (run["done"].as_u64(), run["failed"].as_u64()),
         (Some(ids.len() as u64), Some(0))
     );
-    let line = report["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["task_id"] == task_id.as_str())
-        .unwrap();
+    let line = report_line(&report, &task_id);
     assert_eq!(line["status"], "DONE");
     assert_ne!(
         line["instance_id"].as_str(),
@@ -155,6 +150,14 @@ async fn a_killed_worker_loses_no_task() {
         "another worker finished it"
     );
     assert_eq!(line["attempts"], 2, "the second delivery ran it: {line}");
+}
+
+/// The report's line for one task.
+fn report_line<'a>(report: &'a Value, task_id: &str) -> &'a Value {
+    report["tasks"]
+        .as_array()
+        .and_then(|lines| lines.iter().find(|l| l["task_id"] == task_id))
+        .expect("the task is in the report")
 }
 
 /// Waits until a worker has started a task: (instance id, task id).
@@ -415,12 +418,7 @@ async fn a_spot_interruption_hands_the_task_back_without_using_its_retries() {
 
     let report = stack.finish(&run_id, RUN_TIMEOUT).await;
     assert_eq!(report["run"]["done"].as_u64(), Some(ids.len() as u64));
-    let line = report["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["task_id"] == task_id.as_str())
-        .unwrap();
+    let line = report_line(&report, &task_id);
     assert_eq!(line["status"], "DONE");
     assert_ne!(line["instance_id"].as_str(), Some(instance_id.as_str()));
     assert_eq!(

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -10,13 +11,15 @@ use serde_json::{Value, json};
 use crate::CliError;
 use crate::local;
 
+/// One client for every call, so that polling reuses its connections.
+static HTTP: LazyLock<reqwest::Client> = LazyLock::new(reqwest::Client::new);
+
 async fn call(
     method: reqwest::Method,
     url: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), CliError> {
-    let client = reqwest::Client::new();
-    let mut request = client.request(method, url);
+    let mut request = HTTP.request(method, url);
     if let Some(body) = body {
         request = request.json(body);
     }

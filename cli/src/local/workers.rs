@@ -77,12 +77,13 @@ impl Supervisor {
         loop {
             match self.running_instances().await {
                 Ok(running) => {
-                    for id in running.difference(&seen.clone()) {
+                    let new: Vec<String> = running.difference(&seen).cloned().collect();
+                    for id in new {
                         seen.insert(id.clone());
-                        match self.start(id).await {
+                        match self.start(&id).await {
                             Ok(worker) => {
                                 tracing::info!(instance_id = %id, pid = worker.child.id(), "worker started");
-                                workers.insert(id.clone(), worker);
+                                workers.insert(id, worker);
                             }
                             Err(error) => {
                                 tracing::error!(instance_id = %id, %error, "could not start a worker")

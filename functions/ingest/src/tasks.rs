@@ -30,20 +30,15 @@ pub async fn create(
     })?;
     let requests = parse_tasks(&body, &api.limits)?;
     let now = Utc::now();
-    let tasks: Vec<NewTask> = requests.iter().map(|r| new_task(r, now)).collect();
+    let mut tasks: Vec<NewTask> = requests.iter().map(|r| new_task(r, now)).collect();
     reject_conflicting_keys(&api, &tasks).await?;
 
-    let mut tasks = tasks;
     let stored_keys = store_large_payloads(&api, &requests, &mut tasks).await?;
     let written = write_tasks(&api, &tasks).await;
     let created = match written {
         Ok(created) => created,
         Err(error) => {
-            for key in &stored_keys {
-                if let Err(e) = api.blobs.delete(key).await {
-                    tracing::warn!(key, error = %e, "could not remove the payload of an unwritten task");
-                }
-            }
+            remove_payloads(&api, &stored_keys).await;
             return Err(error);
         }
     };
@@ -145,15 +140,23 @@ async fn store_large_payloads(
         let key = format!("payloads/{}.json", task.id);
         let bytes = request.payload.to_string().into_bytes();
         if let Err(e) = api.blobs.put(&key, bytes).await {
-            for stored in &keys {
-                let _ = api.blobs.delete(stored).await;
-            }
+            remove_payloads(api, &keys).await;
             return Err(ApiError::from_store(e));
         }
         task.payload = Blob::Stored { key: key.clone() };
         keys.push(key);
     }
     Ok(keys)
+}
+
+/// Removes the payloads of tasks that were not written (the bucket's
+/// lifecycle rule removes any this misses).
+async fn remove_payloads(api: &Api, keys: &[String]) {
+    for key in keys {
+        if let Err(e) = api.blobs.delete(key).await {
+            tracing::warn!(key, error = %e, "could not remove the payload of an unwritten task");
+        }
+    }
 }
 
 /// Writes the tasks; returns how many are new. Tasks with a key go first,
