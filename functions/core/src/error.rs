@@ -2,16 +2,27 @@ use std::error::Error as StdError;
 
 type Source = Box<dyn StdError + Send + Sync>;
 
-/// Errors from the ports. Each is either retryable (a service call failed,
-/// try again later) or permanent (the data itself is wrong).
+/// Errors from the ports, classified where they arise: a call that may
+/// succeed later is [`Error::Transient`]; one that never will is
+/// [`Error::Permanent`] and says which limit or rule refused it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A call to a backing service failed; the same call may succeed later.
-    #[error("{operation} failed")]
-    Service {
+    /// Throttling, a conflicting transaction, a 5xx, a timeout: the same
+    /// call may succeed later (after a backoff).
+    #[error("{operation} failed (transient)")]
+    Transient {
         operation: &'static str,
         #[source]
         source: Source,
+    },
+    /// The request itself is refused (a size limit, validation, access
+    /// denied, a missing object): retrying it changes nothing.
+    #[error("{operation} refused: {reason}")]
+    Permanent {
+        operation: &'static str,
+        reason: String,
+        #[source]
+        source: Option<Source>,
     },
     /// Stored or received data does not have the shape nightshift writes.
     #[error("malformed {what}: {detail}")]
@@ -19,10 +30,18 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn service(operation: &'static str, source: impl Into<Source>) -> Self {
-        Self::Service {
+    pub fn transient(operation: &'static str, source: impl Into<Source>) -> Self {
+        Self::Transient {
             operation,
             source: source.into(),
+        }
+    }
+
+    pub fn permanent(operation: &'static str, reason: impl ToString) -> Self {
+        Self::Permanent {
+            operation,
+            reason: reason.to_string(),
+            source: None,
         }
     }
 
@@ -34,6 +53,19 @@ impl Error {
     }
 
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Service { .. })
+        matches!(self, Self::Transient { .. })
+    }
+
+    /// The message with every source, for logs and for the reason a task
+    /// failed.
+    pub fn chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = StdError::source(self);
+        while let Some(inner) = source {
+            text.push_str(": ");
+            text.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        text
     }
 }

@@ -1,8 +1,10 @@
-//! In-memory implementations of every port, with the same conditional
-//! semantics as the AWS adapters, for the unit tests of the crates that use
-//! them.
+//! In-memory implementations of every port, for the unit tests of the
+//! crates that use them. They follow the rules of [`crate::rules`] (the
+//! conformance suite holds them to the same cases as the DynamoDB adapter),
+//! and they yield to the scheduler at every call, so that tasks racing
+//! through them interleave as they would against a service.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -10,17 +12,49 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::Error;
+use crate::limits::{ITEM_LIMIT, RESULT_TOO_LARGE, SQS_BATCH_ENTRIES, SQS_MESSAGE_LIMIT};
 use crate::message::{AttemptEvent, TaskOutcome, TaskResult};
-use crate::model::{NewTask, PendingTask, Run, RunState, Task, TaskStatus};
+use crate::model::{Launched, NewTask, PendingTask, Run, RunState, Task, TaskStatus};
 use crate::ports::{
-    AttemptKind, BlobStore, Fleet, InsertOutcome, InstanceControl, Outgoing, PendingTasks, Queue,
-    Received, RecordOutcome, ResultRecorder, RunStore, TaskReader, TaskWriter,
+    AttemptKind, BlobStore, Cursor, Fleet, InsertOutcome, Outgoing, Page, PendingTasks, Queue,
+    Received, RecordOutcome, ResultRecorder, RunReader, RunStore, TaskReader, TaskWriter,
+    WorkerInstance,
 };
+use crate::rules::{TaskChange, TaskFacts};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Every call lets other tasks run first, as a network call would.
+async fn network() {
+    tokio::task::yield_now().await;
+}
+
+/// DynamoDB's page: a query reads at most 1 MB of items.
+const QUERY_PAGE_BYTES: usize = 1_000_000;
+
+/// Faults to inject: the next `n` calls of an operation fail transiently.
+#[derive(Debug, Default)]
+struct Faults(Mutex<HashMap<&'static str, u32>>);
+
+impl Faults {
+    fn inject(&self, operation: &'static str, times: u32) {
+        *lock(&self.0).entry(operation).or_default() += times;
+    }
+
+    fn check(&self, operation: &'static str) -> Result<(), Error> {
+        let mut faults = lock(&self.0);
+        match faults.get_mut(operation) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                Err(Error::transient(operation, "injected fault"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +70,20 @@ struct StoredTask {
     task: Task,
     shard: u32,
     seen_events: HashSet<String>,
+    /// The request that wrote it.
+    request_id: String,
+    /// What the item weighs, for the query page limit.
+    bytes: usize,
+}
+
+impl StoredTask {
+    fn facts(&self, event_id: Option<&str>) -> TaskFacts<'_> {
+        TaskFacts {
+            status: self.task.status,
+            run_id: self.task.run_id.as_deref(),
+            event_seen: event_id.is_some_and(|id| self.seen_events.contains(id)),
+        }
+    }
 }
 
 /// The table, in memory.
@@ -43,6 +91,7 @@ struct StoredTask {
 pub struct MemoryStore {
     state: Mutex<StoreState>,
     shards: u32,
+    faults: Faults,
 }
 
 impl Default for MemoryStore {
@@ -56,11 +105,17 @@ impl MemoryStore {
         Self {
             state: Mutex::default(),
             shards,
+            faults: Faults::default(),
         }
     }
 
     pub fn shards(&self) -> u32 {
         self.shards
+    }
+
+    /// The next `times` calls of `operation` (a method name) fail transiently.
+    pub fn inject_fault(&self, operation: &'static str, times: u32) {
+        self.faults.inject(operation, times);
     }
 
     pub fn all_tasks(&self) -> Vec<Task> {
@@ -71,13 +126,18 @@ impl MemoryStore {
             .collect()
     }
 
-    fn stored(&self, task: &NewTask) -> StoredTask {
+    fn stored(&self, task: &NewTask, request_id: &str) -> StoredTask {
+        let bytes = 512
+            + match &task.payload {
+                crate::Blob::Inline(value) => value.to_string().len(),
+                crate::Blob::Stored { key } => key.len(),
+            };
         StoredTask {
             task: Task {
                 id: task.id.clone(),
                 account: task.account.clone(),
                 kernel: task.kernel.clone(),
-                status: TaskStatus::Pending,
+                status: TaskStatus::Staged,
                 created_at: task.created_at,
                 run_id: None,
                 payload: Some(task.payload.clone()),
@@ -95,53 +155,110 @@ impl MemoryStore {
             },
             shard: task.pending_shard(self.shards),
             seen_events: HashSet::new(),
+            request_id: request_id.to_owned(),
+            bytes,
+        }
+    }
+
+    /// Applies `change` to a task if the rules allow it; else says why not.
+    fn change(
+        state: &mut StoreState,
+        task_id: &str,
+        change: &TaskChange<'_>,
+        event_id: Option<&str>,
+        apply: impl FnOnce(&mut StoredTask),
+    ) -> Result<(), RecordOutcome> {
+        let stored = state.tasks.get_mut(task_id);
+        let facts = stored.as_ref().map(|s| s.facts(event_id));
+        match stored {
+            Some(stored) if facts.as_ref().is_some_and(|f| change.allowed(f)) => {
+                apply(stored);
+                Ok(())
+            }
+            _ => Err(change.refusal(facts.as_ref()).into()),
         }
     }
 }
 
-fn classify(stored: Option<&StoredTask>, run_id: &str) -> RecordOutcome {
-    match stored {
-        None => RecordOutcome::Unknown,
-        Some(s) if s.task.status == TaskStatus::Pending => RecordOutcome::NotYetQueued,
-        Some(s) if s.task.run_id.as_deref() != Some(run_id) => RecordOutcome::Unknown,
-        Some(_) => RecordOutcome::Duplicate,
+fn bump(state: &mut StoreState, run_id: &str, counter: impl FnOnce(&mut Run)) {
+    if let Some(run) = state.runs.get_mut(run_id) {
+        counter(run);
     }
 }
 
 #[async_trait]
 impl TaskWriter for MemoryStore {
-    async fn insert_tasks(&self, tasks: &[NewTask]) -> Result<(), Error> {
-        let mut state = lock(&self.state);
-        for task in tasks {
-            state.tasks.insert(task.id.clone(), self.stored(task));
-        }
-        Ok(())
-    }
-
-    async fn insert_tasks_once(&self, tasks: &[NewTask]) -> Result<Vec<InsertOutcome>, Error> {
+    async fn stage(
+        &self,
+        request_id: &str,
+        tasks: &[NewTask],
+    ) -> Result<Vec<InsertOutcome>, Error> {
+        network().await;
+        self.faults.check("stage")?;
         let mut state = lock(&self.state);
         Ok(tasks
             .iter()
             .map(|task| match state.tasks.get(&task.id) {
-                Some(existing) => InsertOutcome::Exists {
+                Some(existing) if task.idempotency.is_some() => InsertOutcome::Exists {
                     request_digest: existing.task.request_digest.clone(),
+                    staged_by: (existing.task.status == TaskStatus::Staged)
+                        .then(|| existing.request_id.clone()),
                 },
-                None => {
-                    state.tasks.insert(task.id.clone(), self.stored(task));
+                _ => {
+                    state
+                        .tasks
+                        .insert(task.id.clone(), self.stored(task, request_id));
                     InsertOutcome::Inserted
                 }
             })
             .collect())
+    }
+
+    async fn commit(&self, request_id: &str, tasks: &[NewTask]) -> Result<(), Error> {
+        network().await;
+        self.faults.check("commit")?;
+        let mut state = lock(&self.state);
+        for task in tasks {
+            if let Some(stored) = state.tasks.get_mut(&task.id)
+                && stored.request_id == request_id
+                && stored.task.status == TaskStatus::Staged
+            {
+                stored.task.status = TaskStatus::Pending;
+            }
+        }
+        Ok(())
+    }
+
+    async fn abort(&self, request_id: &str, task_ids: &[String]) -> Result<(), Error> {
+        network().await;
+        self.faults.check("abort")?;
+        let mut state = lock(&self.state);
+        for id in task_ids {
+            // Only what this request wrote and no dispatcher has queued yet.
+            if state.tasks.get(id).is_some_and(|t| {
+                t.request_id == request_id
+                    && matches!(t.task.status, TaskStatus::Staged | TaskStatus::Pending)
+            }) {
+                state.tasks.remove(id);
+            }
+        }
+        Ok(())
     }
 }
 
 #[async_trait]
 impl TaskReader for MemoryStore {
     async fn task(&self, task_id: &str) -> Result<Option<Task>, Error> {
-        Ok(lock(&self.state).tasks.get(task_id).map(|t| t.task.clone()))
+        network().await;
+        Ok(lock(&self.state)
+            .tasks
+            .get(task_id)
+            .filter(|t| t.task.status != TaskStatus::Staged)
+            .map(|t| t.task.clone()))
     }
 
     async fn tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, Error> {
+        network().await;
         let state = lock(&self.state);
         Ok(task_ids
             .iter()
@@ -150,6 +267,7 @@ impl TaskReader for MemoryStore {
     }
 
     async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error> {
+        network().await;
         Ok(lock(&self.state)
             .tasks
             .values()
@@ -161,45 +279,79 @@ impl TaskReader for MemoryStore {
 
 #[async_trait]
 impl PendingTasks for MemoryStore {
-    async fn pending(&self, shard: u32, limit: usize) -> Result<Vec<PendingTask>, Error> {
+    async fn pending(
+        &self,
+        shard: u32,
+        limit: usize,
+        after: Option<&Cursor>,
+    ) -> Result<Page<PendingTask>, Error> {
+        network().await;
+        self.faults.check("pending")?;
         let state = lock(&self.state);
-        let mut pending: Vec<&StoredTask> = state
+        let mut listed: Vec<&StoredTask> = state
             .tasks
             .values()
             .filter(|t| t.task.status == TaskStatus::Pending && t.shard == shard)
             .collect();
-        pending.sort_by_key(|t| t.task.created_at);
-        Ok(pending
+        listed
+            .sort_by(|a, b| (a.task.created_at, &a.task.id).cmp(&(b.task.created_at, &b.task.id)));
+        let position = |t: &StoredTask| {
+            format!(
+                "{}|{}",
+                crate::model::timestamp(t.task.created_at),
+                t.task.id
+            )
+        };
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        let mut next = None;
+        for stored in listed
             .into_iter()
-            .take(limit)
-            .map(|t| PendingTask {
-                id: t.task.id.clone(),
-                account: t.task.account.clone(),
-                kernel: t.task.kernel.clone(),
-                payload: t
-                    .task
-                    .payload
-                    .clone()
-                    .unwrap_or(crate::Blob::Inline(serde_json::Value::Null)),
-            })
-            .collect())
+            .filter(|t| after.is_none_or(|cursor| position(t) > cursor.0))
+        {
+            if items.len() == limit || bytes + stored.bytes > QUERY_PAGE_BYTES {
+                next = items
+                    .last()
+                    .map(|last: &(String, PendingTask)| Cursor(last.0.clone()));
+                break;
+            }
+            bytes += stored.bytes;
+            items.push((
+                position(stored),
+                PendingTask {
+                    id: stored.task.id.clone(),
+                    account: stored.task.account.clone(),
+                    kernel: stored.task.kernel.clone(),
+                    payload: stored
+                        .task
+                        .payload
+                        .clone()
+                        .unwrap_or(crate::Blob::Inline(serde_json::Value::Null)),
+                },
+            ));
+        }
+        Ok(Page {
+            items: items.into_iter().map(|(_, task)| task).collect(),
+            next,
+        })
     }
 
     async fn mark_queued(&self, run_id: &str, task_ids: &[String]) -> Result<Vec<String>, Error> {
+        network().await;
+        self.faults.check("mark_queued")?;
         let mut state = lock(&self.state);
-        let mut changed = Vec::new();
-        for id in task_ids {
-            if let Some(stored) = state.tasks.get_mut(id)
-                && stored.task.status == TaskStatus::Pending
-            {
-                stored.task.status = TaskStatus::Queued;
-                stored.task.run_id = Some(run_id.to_owned());
-                changed.push(id.clone());
-            }
-        }
-        if let Some(run) = state.runs.get_mut(run_id) {
-            run.queued += changed.len() as u64;
-        }
+        let changed: Vec<String> = task_ids
+            .iter()
+            .filter(|id| {
+                Self::change(&mut state, id, &TaskChange::Queue, None, |stored| {
+                    stored.task.status = TaskStatus::Queued;
+                    stored.task.run_id = Some(run_id.to_owned());
+                })
+                .is_ok()
+            })
+            .cloned()
+            .collect();
+        bump(&mut state, run_id, |run| run.queued += changed.len() as u64);
         Ok(changed)
     }
 }
@@ -207,44 +359,65 @@ impl PendingTasks for MemoryStore {
 #[async_trait]
 impl ResultRecorder for MemoryStore {
     async fn record_results(&self, results: &[TaskResult]) -> Result<Vec<RecordOutcome>, Error> {
+        network().await;
+        self.faults.check("record_results")?;
         let mut state = lock(&self.state);
-        let mut outcomes = Vec::new();
-        for result in results {
-            let stored = state.tasks.get_mut(&result.task_id);
-            let recordable = stored.as_ref().is_some_and(|s| {
-                s.task.status == TaskStatus::Queued
-                    && s.task.run_id.as_deref() == Some(&result.run_id)
-            });
-            if !recordable {
-                outcomes.push(classify(stored.map(|s| &*s), &result.run_id));
-                continue;
-            }
-            let Some(stored) = stored else { continue };
-            let task = &mut stored.task;
-            task.instance_id = Some(result.instance_id.clone());
-            task.attempts = result.attempts;
-            task.started_at = Some(result.started_at);
-            task.finished_at = Some(result.finished_at);
-            task.duration_ms = Some(result.duration_ms());
-            let done = match &result.outcome {
-                TaskOutcome::Done { result, summary } => {
-                    task.status = TaskStatus::Done;
-                    task.result = Some(result.clone());
-                    task.summary = Some(summary.clone());
-                    true
+        Ok(results
+            .iter()
+            .map(|result| {
+                let finish = TaskChange::Finish {
+                    run_id: &result.run_id,
+                };
+                let result_bytes = match &result.outcome {
+                    TaskOutcome::Done {
+                        result: crate::Blob::Inline(value),
+                        ..
+                    } => value.to_string().len(),
+                    _ => 0,
+                };
+                let too_large = state
+                    .tasks
+                    .get(&result.task_id)
+                    .is_some_and(|stored| stored.bytes + result_bytes > ITEM_LIMIT);
+                let done = !too_large && matches!(result.outcome, TaskOutcome::Done { .. });
+                let recorded = Self::change(&mut state, &result.task_id, &finish, None, |stored| {
+                    let task = &mut stored.task;
+                    task.instance_id = Some(result.instance_id.clone());
+                    task.attempts = result.attempts;
+                    task.started_at = Some(result.started_at);
+                    task.finished_at = Some(result.finished_at);
+                    task.duration_ms = Some(result.duration_ms());
+                    match &result.outcome {
+                        _ if too_large => {
+                            task.status = TaskStatus::Failed;
+                            task.last_error = Some(RESULT_TOO_LARGE.to_owned());
+                        }
+                        TaskOutcome::Done { result, summary } => {
+                            task.status = TaskStatus::Done;
+                            task.result = Some(result.clone());
+                            task.summary = Some(summary.clone());
+                        }
+                        TaskOutcome::Failed { error } => {
+                            task.status = TaskStatus::Failed;
+                            task.last_error = Some(error.clone());
+                        }
+                    }
+                });
+                match recorded {
+                    Ok(()) => {
+                        bump(&mut state, &result.run_id, |run| {
+                            if done { run.done += 1 } else { run.failed += 1 }
+                        });
+                        if too_large {
+                            RecordOutcome::FailedInstead(RESULT_TOO_LARGE.to_owned())
+                        } else {
+                            RecordOutcome::Recorded
+                        }
+                    }
+                    Err(outcome) => outcome,
                 }
-                TaskOutcome::Failed { error } => {
-                    task.status = TaskStatus::Failed;
-                    task.last_error = Some(error.clone());
-                    false
-                }
-            };
-            if let Some(run) = state.runs.get_mut(&result.run_id) {
-                if done { run.done += 1 } else { run.failed += 1 }
-            }
-            outcomes.push(RecordOutcome::Recorded);
-        }
-        Ok(outcomes)
+            })
+            .collect())
     }
 
     async fn record_attempt(
@@ -252,63 +425,76 @@ impl ResultRecorder for MemoryStore {
         event: &AttemptEvent,
         kind: AttemptKind,
     ) -> Result<RecordOutcome, Error> {
+        network().await;
+        self.faults.check("record_attempt")?;
         let mut state = lock(&self.state);
-        let stored = state.tasks.get_mut(&event.task_id);
-        match stored {
-            Some(s)
-                if s.task.status == TaskStatus::Queued
-                    && s.task.run_id.as_deref() == Some(&event.run_id)
-                    && !s.seen_events.contains(&event.event_id) =>
-            {
-                s.seen_events.insert(event.event_id.clone());
+        let change = TaskChange::CountAttempt {
+            run_id: &event.run_id,
+        };
+        let counted = Self::change(
+            &mut state,
+            &event.task_id,
+            &change,
+            Some(&event.event_id),
+            |stored| {
+                stored.seen_events.insert(event.event_id.clone());
                 match kind {
-                    AttemptKind::Failed => s.task.failed_attempts += 1,
-                    AttemptKind::Interrupted => s.task.interruptions += 1,
+                    AttemptKind::Failed => stored.task.failed_attempts += 1,
+                    AttemptKind::Interrupted => stored.task.interruptions += 1,
                 }
                 if let Some(error) = &event.error {
-                    s.task.last_error = Some(error.clone());
+                    stored.task.last_error = Some(error.clone());
                 }
-                Ok(RecordOutcome::Recorded)
-            }
-            other => Ok(classify(other.map(|s| &*s), &event.run_id)),
-        }
+            },
+        );
+        Ok(counted.map_or_else(|outcome| outcome, |()| RecordOutcome::Recorded))
     }
 
-    async fn record_dead_letter(
+    async fn fail_task(
         &self,
         task_id: &str,
         run_id: &str,
         at: DateTime<Utc>,
+        reason: Option<&str>,
     ) -> Result<RecordOutcome, Error> {
+        network().await;
+        self.faults.check("fail_task")?;
         let mut state = lock(&self.state);
-        let stored = state.tasks.get_mut(task_id);
-        match stored {
-            Some(s)
-                if s.task.status == TaskStatus::Queued
-                    && s.task.run_id.as_deref() == Some(run_id) =>
-            {
-                s.task.status = TaskStatus::Failed;
-                s.task.finished_at = Some(at);
-                s.task
-                    .last_error
-                    .get_or_insert_with(|| "no attempt succeeded".to_owned());
-                if let Some(run) = state.runs.get_mut(run_id) {
-                    run.failed += 1;
+        let finish = TaskChange::Finish { run_id };
+        let failed = Self::change(&mut state, task_id, &finish, None, |stored| {
+            stored.task.status = TaskStatus::Failed;
+            stored.task.finished_at = Some(at);
+            match reason {
+                Some(reason) => stored.task.last_error = Some(reason.to_owned()),
+                None => {
+                    stored.task.last_error.get_or_insert_with(|| {
+                        "no attempt succeeded within the queue's delivery limit".to_owned()
+                    });
                 }
+            }
+        });
+        match failed {
+            Ok(()) => {
+                bump(&mut state, run_id, |run| run.failed += 1);
                 Ok(RecordOutcome::Recorded)
             }
-            other => Ok(classify(other.map(|s| &*s), run_id)),
+            Err(outcome) => Ok(outcome),
         }
     }
 }
 
 #[async_trait]
-impl RunStore for MemoryStore {
+impl RunReader for MemoryStore {
     async fn run(&self, run_id: &str) -> Result<Option<Run>, Error> {
+        network().await;
         Ok(lock(&self.state).runs.get(run_id).cloned())
     }
+}
 
+#[async_trait]
+impl RunStore for MemoryStore {
     async fn current_run(&self) -> Result<Option<Run>, Error> {
+        network().await;
         let state = lock(&self.state);
         Ok(state
             .current
@@ -318,6 +504,7 @@ impl RunStore for MemoryStore {
     }
 
     async fn open_run(&self, new_run_id: &str, now: DateTime<Utc>) -> Result<(Run, bool), Error> {
+        network().await;
         let mut state = lock(&self.state);
         if let Some(run) = state.current.as_ref().and_then(|id| state.runs.get(id)) {
             return Ok((run.clone(), false));
@@ -332,6 +519,7 @@ impl RunStore for MemoryStore {
             failed: 0,
             instances: Vec::new(),
             fleet_requests: 0,
+            waiting: false,
         };
         state.runs.insert(run.id.clone(), run.clone());
         state.current = Some(run.id.clone());
@@ -345,6 +533,7 @@ impl RunStore for MemoryStore {
         now: DateTime<Utc>,
         ttl: Duration,
     ) -> Result<bool, Error> {
+        network().await;
         let mut state = lock(&self.state);
         let open = state
             .runs
@@ -364,10 +553,12 @@ impl RunStore for MemoryStore {
         Ok(true)
     }
 
-    async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), Error> {
+    async fn release_lease(&self, run_id: &str, owner: &str, waiting: bool) -> Result<(), Error> {
+        network().await;
         let mut state = lock(&self.state);
         if state.leases.get(run_id).is_some_and(|(o, _)| o == owner) {
             state.leases.remove(run_id);
+            bump(&mut state, run_id, |run| run.waiting = waiting);
         }
         Ok(())
     }
@@ -376,26 +567,28 @@ impl RunStore for MemoryStore {
         &self,
         run_id: &str,
         request_number: u32,
-        instance_ids: &[String],
-    ) -> Result<(), Error> {
+        launched: &[Launched],
+    ) -> Result<bool, Error> {
+        network().await;
         let mut state = lock(&self.state);
-        let run = state
+        let Some(run) = state
             .runs
             .get_mut(run_id)
             .filter(|r| r.fleet_requests == request_number)
-            .ok_or_else(|| Error::malformed("run", "fleet request already recorded"))?;
+        else {
+            return Ok(false);
+        };
         run.fleet_requests += 1;
-        run.instances.extend(instance_ids.iter().cloned());
-        run.instances.sort();
-        Ok(())
+        run.instances.extend(launched.iter().cloned());
+        Ok(true)
     }
 
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {
+        network().await;
         let mut state = lock(&self.state);
         if state.current.as_deref() != Some(run_id) {
             return Ok(false);
         }
-        state.current = None;
         let Some(run) = state
             .runs
             .get_mut(run_id)
@@ -405,12 +598,14 @@ impl RunStore for MemoryStore {
         };
         run.state = RunState::Finished;
         run.finished_at = Some(now);
+        state.current = None;
         Ok(true)
     }
 }
 
 /// A queue in memory. Received messages stay in flight until deleted or
 /// released; `redeliver_in_flight` plays the visibility timeout ending.
+/// Batches over SQS's limits are refused as SQS refuses them.
 #[derive(Debug, Default)]
 pub struct MemoryQueue {
     state: Mutex<QueueState>,
@@ -466,7 +661,17 @@ impl MemoryQueue {
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn send_batch(&self, messages: &[Outgoing]) -> Result<Vec<String>, Error> {
-        assert!(messages.len() <= 10, "SQS batches hold at most 10 entries");
+        network().await;
+        let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
+        if messages.len() > SQS_BATCH_ENTRIES || bytes > SQS_MESSAGE_LIMIT {
+            return Err(Error::permanent(
+                "SendMessageBatch",
+                format!(
+                    "BatchRequestTooLong: {} entries, {bytes} bytes",
+                    messages.len()
+                ),
+            ));
+        }
         lock(&self.state).send_calls += 1;
         for message in messages {
             self.push(&message.body);
@@ -475,6 +680,7 @@ impl Queue for MemoryQueue {
     }
 
     async fn receive(&self, max: u32, wait: Duration) -> Result<Vec<Received>, Error> {
+        network().await;
         if self.visible() == 0 {
             // A long poll on an empty queue waits (briefly, in tests).
             tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
@@ -500,6 +706,7 @@ impl Queue for MemoryQueue {
     }
 
     async fn delete_batch(&self, receipts: &[String]) -> Result<Vec<String>, Error> {
+        network().await;
         let mut state = lock(&self.state);
         for receipt in receipts {
             state.in_flight.remove(receipt);
@@ -512,6 +719,7 @@ impl Queue for MemoryQueue {
         receipts: &[String],
         timeout: Duration,
     ) -> Result<Vec<String>, Error> {
+        network().await;
         let mut state = lock(&self.state);
         for receipt in receipts {
             state.visibility_changes.push((receipt.clone(), timeout));
@@ -525,6 +733,7 @@ impl Queue for MemoryQueue {
     }
 
     async fn visibility_timeout(&self) -> Result<Duration, Error> {
+        network().await;
         Ok(Duration::from_secs(30))
     }
 }
@@ -533,30 +742,44 @@ impl Queue for MemoryQueue {
 #[derive(Debug, Default)]
 pub struct MemoryBlobs {
     objects: Mutex<BTreeMap<String, Vec<u8>>>,
+    faults: Faults,
 }
 
 impl MemoryBlobs {
     pub fn keys(&self) -> Vec<String> {
         lock(&self.objects).keys().cloned().collect()
     }
+
+    /// The next `times` calls of `operation` (a method name) fail transiently.
+    pub fn inject_fault(&self, operation: &'static str, times: u32) {
+        self.faults.inject(operation, times);
+    }
 }
 
 #[async_trait]
 impl BlobStore for MemoryBlobs {
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), Error> {
+        network().await;
+        self.faults.check("put")?;
         lock(&self.objects).insert(key.to_owned(), bytes);
         Ok(())
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, Error> {
+        network().await;
         lock(&self.objects)
             .get(key)
             .cloned()
-            .ok_or_else(|| Error::service("GetObject", format!("no object {key}")))
+            .ok_or_else(|| Error::permanent("GetObject", format!("NoSuchKey: {key}")))
     }
 
-    async fn delete(&self, key: &str) -> Result<(), Error> {
-        lock(&self.objects).remove(key);
+    async fn delete_many(&self, keys: &[String]) -> Result<(), Error> {
+        network().await;
+        self.faults.check("delete_many")?;
+        let mut objects = lock(&self.objects);
+        for key in keys {
+            objects.remove(key);
+        }
         Ok(())
     }
 }
@@ -570,8 +793,10 @@ pub struct FakeFleet {
 #[derive(Debug, Default)]
 struct FleetState {
     next: u32,
-    active: BTreeMap<String, String>,
-    tokens: BTreeMap<String, Vec<String>>,
+    /// Instance → (run, launch time, alive).
+    instances: BTreeMap<String, (String, DateTime<Utc>, bool)>,
+    tokens: BTreeMap<String, Vec<Launched>>,
+    terminated: Vec<String>,
 }
 
 impl FakeFleet {
@@ -581,58 +806,88 @@ impl FakeFleet {
 
     /// An instance dies (spot reclaim, or its worker stopped it).
     pub fn lose(&self, instance_id: &str) {
-        lock(&self.state).active.remove(instance_id);
+        if let Some(instance) = lock(&self.state).instances.get_mut(instance_id) {
+            instance.2 = false;
+        }
+    }
+
+    /// An instance EC2 does not show yet (`DescribeInstances` lags).
+    pub fn hide(&self, instance_id: &str) {
+        lock(&self.state).instances.remove(instance_id);
     }
 
     pub fn active(&self) -> Vec<String> {
-        lock(&self.state).active.keys().cloned().collect()
+        lock(&self.state)
+            .instances
+            .iter()
+            .filter(|(_, (_, _, alive))| *alive)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Instances the dispatcher asked to terminate.
+    pub fn terminated(&self) -> Vec<String> {
+        lock(&self.state).terminated.clone()
+    }
+
+    /// An instance that a run launched at `at` (for tests of strays).
+    pub fn add_running(&self, instance_id: &str, run_id: &str, at: DateTime<Utc>) {
+        lock(&self.state)
+            .instances
+            .insert(instance_id.to_owned(), (run_id.to_owned(), at, true));
     }
 }
 
 #[async_trait]
 impl Fleet for FakeFleet {
-    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<String>, Error> {
+    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<Launched>, Error> {
+        network().await;
         let mut state = lock(&self.state);
-        if let Some(ids) = state.tokens.get(token) {
-            return Ok(ids.clone());
+        if let Some(launched) = state.tokens.get(token) {
+            return Ok(launched.clone());
         }
-        let mut ids = Vec::new();
+        let now = Utc::now();
+        let mut launched = Vec::new();
         for _ in 0..count {
             state.next += 1;
             let id = format!("i-{:08x}", state.next);
-            state.active.insert(id.clone(), run_id.to_owned());
-            ids.push(id);
+            state
+                .instances
+                .insert(id.clone(), (run_id.to_owned(), now, true));
+            launched.push(Launched {
+                id,
+                launched_at: now,
+                instance_type: Some("c7g.large".into()),
+                lifecycle: Some("spot".into()),
+            });
         }
-        state.tokens.insert(token.to_owned(), ids.clone());
-        Ok(ids)
+        state.tokens.insert(token.to_owned(), launched.clone());
+        Ok(launched)
     }
 
-    async fn active_instances(&self, run_id: &str) -> Result<Vec<String>, Error> {
+    async fn instances(&self) -> Result<Vec<WorkerInstance>, Error> {
+        network().await;
         Ok(lock(&self.state)
-            .active
+            .instances
             .iter()
-            .filter(|(_, run)| *run == run_id)
-            .map(|(id, _)| id.clone())
+            .map(|(id, (run, at, alive))| WorkerInstance {
+                id: id.clone(),
+                run_id: Some(run.clone()),
+                launched_at: *at,
+                alive: *alive,
+            })
             .collect())
     }
-}
 
-/// Records which instances asked to be terminated.
-#[derive(Debug, Default)]
-pub struct FakeInstances {
-    terminated: Mutex<Vec<String>>,
-}
-
-impl FakeInstances {
-    pub fn terminated(&self) -> Vec<String> {
-        lock(&self.terminated).clone()
-    }
-}
-
-#[async_trait]
-impl InstanceControl for FakeInstances {
-    async fn terminate(&self, instance_id: &str) -> Result<(), Error> {
-        lock(&self.terminated).push(instance_id.to_owned());
+    async fn terminate(&self, instance_ids: &[String]) -> Result<(), Error> {
+        network().await;
+        let mut state = lock(&self.state);
+        for id in instance_ids {
+            if let Some(instance) = state.instances.get_mut(id) {
+                instance.2 = false;
+            }
+            state.terminated.push(id.clone());
+        }
         Ok(())
     }
 }

@@ -6,15 +6,20 @@
 
 pub mod config;
 mod error;
+pub mod limits;
 pub mod message;
 pub mod model;
 pub mod ports;
+pub mod retry;
+pub mod rules;
 
-#[cfg(any(feature = "dynamodb", feature = "sqs", feature = "s3", feature = "ec2"))]
+#[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(any(test, feature = "fakes"))]
+pub mod conformance;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fakes;
 
 pub use error::Error;
 pub use message::{AttemptEvent, Envelope, TaskMessage, TaskOutcome, TaskResult};
-pub use model::{Blob, NewTask, PendingTask, Run, RunState, Task, TaskStatus};
+pub use model::{Blob, Launched, NewTask, PendingTask, Run, RunState, Task, TaskStatus};

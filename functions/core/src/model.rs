@@ -4,43 +4,60 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// A task's life: PENDING until a dispatcher queues it into a run, QUEUED
-/// until a worker's result (or the dead-letter queue) ends it.
+/// A task's life (the transitions are in [`crate::rules`]): STAGED while
+/// the request that brings it is being written, PENDING until a dispatcher
+/// queues it into a run, QUEUED until a worker's result (or the dead-letter
+/// queue) ends it DONE or FAILED; CANCELLED when its run is cancelled first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TaskStatus {
+    Staged,
     Pending,
     Queued,
     Done,
     Failed,
+    Cancelled,
 }
 
 impl TaskStatus {
+    const ALL: [Self; 6] = [
+        Self::Staged,
+        Self::Pending,
+        Self::Queued,
+        Self::Done,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Staged => "STAGED",
             Self::Pending => "PENDING",
             Self::Queued => "QUEUED",
             Self::Done => "DONE",
             Self::Failed => "FAILED",
+            Self::Cancelled => "CANCELLED",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Pending, Self::Queued, Self::Done, Self::Failed]
-            .into_iter()
-            .find(|status| status.as_str() == s)
+        Self::ALL.into_iter().find(|status| status.as_str() == s)
     }
 
+    /// DONE, FAILED and CANCELLED end a task; nothing moves it again.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Done | Self::Failed)
+        matches!(self, Self::Done | Self::Failed | Self::Cancelled)
     }
 }
 
+/// A run's life: OPEN until every task it queued has ended and nothing is
+/// pending (FINISHED), or until an operator cancels it (CANCELLED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RunState {
     Open,
     Finished,
+    Cancelled,
 }
 
 impl RunState {
@@ -48,14 +65,21 @@ impl RunState {
         match self {
             Self::Open => "OPEN",
             Self::Finished => "FINISHED",
+            Self::Cancelled => "CANCELLED",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Open, Self::Finished]
+        [Self::Open, Self::Finished, Self::Cancelled]
             .into_iter()
             .find(|state| state.as_str() == s)
     }
+}
+
+/// The stored form of an instant: RFC 3339, milliseconds, UTC, so that
+/// text order is time order.
+pub fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// A JSON document carried inline, or stored in the payload bucket under a
@@ -149,16 +173,34 @@ pub struct Run {
     pub queued: u64,
     pub done: u64,
     pub failed: u64,
-    pub instances: Vec<String>,
+    /// Every instance launched for the run.
+    pub instances: Vec<Launched>,
     /// How many fleet requests this run has made; the next request's
     /// number makes its idempotency token.
     pub fleet_requests: u32,
+    /// The last dispatcher pass left pending tasks for its next pass (the
+    /// run had no more room): workers wait for them instead of stopping.
+    pub waiting: bool,
+}
+
+/// An instance a fleet request launched, as recorded on its run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Launched {
+    pub id: String,
+    pub launched_at: DateTime<Utc>,
+    pub instance_type: Option<String>,
+    /// `spot` or `on-demand`.
+    pub lifecycle: Option<String>,
 }
 
 impl Run {
     /// Tasks queued in this run that have not ended yet.
     pub fn in_flight(&self) -> u64 {
         self.queued.saturating_sub(self.done + self.failed)
+    }
+
+    pub fn instance_ids(&self) -> impl Iterator<Item = &str> {
+        self.instances.iter().map(|i| i.id.as_str())
     }
 }
 
@@ -179,12 +221,7 @@ mod tests {
 
     #[test]
     fn status_names_round_trip() {
-        for status in [
-            TaskStatus::Pending,
-            TaskStatus::Queued,
-            TaskStatus::Done,
-            TaskStatus::Failed,
-        ] {
+        for status in TaskStatus::ALL {
             assert_eq!(TaskStatus::parse(status.as_str()), Some(status));
         }
         assert_eq!(TaskStatus::parse("RUNNING"), None);

@@ -1,5 +1,6 @@
 //! Ports: one narrow trait per capability. Each handler takes only the ports
-//! it uses; AWS adapters and in-memory fakes implement them.
+//! it uses; AWS adapters and in-memory fakes implement them, and the
+//! conformance suite holds them to the same rules.
 
 use std::time::Duration;
 
@@ -8,43 +9,71 @@ use chrono::{DateTime, Utc};
 
 use crate::Error;
 use crate::message::{AttemptEvent, TaskResult};
-use crate::model::{NewTask, PendingTask, Run, Task};
+use crate::model::{Launched, NewTask, PendingTask, Run, Task};
 
-/// Writes new tasks (ingest).
+/// Writes new tasks (ingest) in two steps, so that a request is written
+/// whole or not at all: [`TaskWriter::stage`] writes them STAGED (invisible
+/// to the dispatcher and to readers), then [`TaskWriter::commit`] makes them
+/// PENDING, or [`TaskWriter::abort`] removes them.
 #[async_trait]
 pub trait TaskWriter: Send + Sync {
-    /// Writes tasks that carry no idempotency key, in batches.
-    async fn insert_tasks(&self, tasks: &[NewTask]) -> Result<(), Error>;
-    /// Writes each task only if no task with its id exists yet (tasks with
-    /// an idempotency key), all at once when none exists; returns one
-    /// outcome per task, in order.
-    async fn insert_tasks_once(&self, tasks: &[NewTask]) -> Result<Vec<InsertOutcome>, Error>;
+    /// Writes each task STAGED under `request_id`. A task with an
+    /// idempotency key is written only if no task has its id; one per
+    /// task, in order.
+    async fn stage(&self, request_id: &str, tasks: &[NewTask])
+    -> Result<Vec<InsertOutcome>, Error>;
+    /// STAGED → PENDING for tasks this request staged.
+    async fn commit(&self, request_id: &str, tasks: &[NewTask]) -> Result<(), Error>;
+    /// Removes the tasks this request staged (and only those).
+    async fn abort(&self, request_id: &str, task_ids: &[String]) -> Result<(), Error>;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
     Inserted,
-    /// A task with this id exists; the digest of the request that made it.
+    /// A task with this id exists: the digest of the request that made it,
+    /// and the request that is still writing it, if it is STAGED.
     Exists {
         request_digest: Option<String>,
+        staged_by: Option<String>,
     },
 }
 
-/// Reads tasks (ingest, reports).
+/// Reads tasks (ingest, reports). STAGED tasks are not there yet.
 #[async_trait]
 pub trait TaskReader: Send + Sync {
     async fn task(&self, task_id: &str) -> Result<Option<Task>, Error>;
-    /// The tasks among `task_ids` that exist, in no particular order.
+    /// The tasks among `task_ids` that exist, STAGED ones included, in no
+    /// particular order.
     async fn tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, Error>;
     /// Every task queued in a run (a query on the run's index).
     async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error>;
 }
 
+/// Where a paged read goes on; opaque to its callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor(pub String);
+
+/// One page of a read, and where the next one starts (`None`: the end).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Cursor>,
+}
+
 /// The sparse, sharded index of tasks waiting for a run (dispatcher).
 #[async_trait]
 pub trait PendingTasks: Send + Sync {
-    /// Up to `limit` pending tasks of one shard, oldest first.
-    async fn pending(&self, shard: u32, limit: usize) -> Result<Vec<PendingTask>, Error>;
+    /// One page of pending tasks of one shard, oldest first: up to `limit`
+    /// index entries read from `after`, of which those still PENDING are
+    /// returned. A page may hold fewer than `limit` (or none) and still
+    /// have a next one: only `next == None` ends the shard.
+    async fn pending(
+        &self,
+        shard: u32,
+        limit: usize,
+        after: Option<&Cursor>,
+    ) -> Result<Page<PendingTask>, Error>;
     /// PENDING → QUEUED for tasks whose messages were sent, and the run's
     /// `queued` counter moved by the number that changed. Returns the ids
     /// that changed; a task no longer PENDING is left alone.
@@ -56,7 +85,8 @@ pub trait PendingTasks: Send + Sync {
 #[async_trait]
 pub trait ResultRecorder: Send + Sync {
     /// QUEUED → DONE | FAILED for each result, with the run's counters.
-    /// Returns one outcome per result, in order.
+    /// Returns one outcome per result, in order. A result that can never
+    /// be stored (over the item limit) fails its task with the reason.
     async fn record_results(&self, results: &[TaskResult]) -> Result<Vec<RecordOutcome>, Error>;
     /// Counts a failed or interrupted attempt once per event id.
     async fn record_attempt(
@@ -64,13 +94,14 @@ pub trait ResultRecorder: Send + Sync {
         event: &AttemptEvent,
         kind: AttemptKind,
     ) -> Result<RecordOutcome, Error>;
-    /// QUEUED → FAILED for a task whose deliveries ran out, keeping the last
-    /// error an attempt reported.
-    async fn record_dead_letter(
+    /// QUEUED → FAILED: with `reason`, or, for a task whose deliveries ran
+    /// out (`None`), keeping the last error an attempt reported.
+    async fn fail_task(
         &self,
         task_id: &str,
         run_id: &str,
         at: DateTime<Utc>,
+        reason: Option<&str>,
     ) -> Result<RecordOutcome, Error>;
 }
 
@@ -80,9 +111,12 @@ pub enum AttemptKind {
     Interrupted,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordOutcome {
     Recorded,
+    /// The result could never be stored as it is (a limit refused it): the
+    /// task was recorded FAILED with this reason instead.
+    FailedInstead(String),
     /// Already recorded (a redelivery): acknowledge and ignore.
     Duplicate,
     /// The task is not QUEUED yet (its dispatcher has sent the message but
@@ -92,10 +126,26 @@ pub enum RecordOutcome {
     Unknown,
 }
 
+impl From<crate::rules::Refusal> for RecordOutcome {
+    fn from(refusal: crate::rules::Refusal) -> Self {
+        use crate::rules::Refusal;
+        match refusal {
+            Refusal::AlreadyDone => Self::Duplicate,
+            Refusal::NotYet | Refusal::Raced => Self::NotYetQueued,
+            Refusal::NotApplicable => Self::Unknown,
+        }
+    }
+}
+
+/// Reads a run (ingest, dispatcher, worker).
+#[async_trait]
+pub trait RunReader: Send + Sync {
+    async fn run(&self, run_id: &str) -> Result<Option<Run>, Error>;
+}
+
 /// Runs and their bookkeeping (ingest, dispatcher).
 #[async_trait]
-pub trait RunStore: Send + Sync {
-    async fn run(&self, run_id: &str) -> Result<Option<Run>, Error>;
+pub trait RunStore: RunReader {
     async fn current_run(&self) -> Result<Option<Run>, Error>;
     /// The open run, or a new one if none is open (at most one run is open:
     /// the new run is written only if no other is current). `true` if new.
@@ -108,15 +158,19 @@ pub trait RunStore: Send + Sync {
         now: DateTime<Utc>,
         ttl: Duration,
     ) -> Result<bool, Error>;
-    async fn release_lease(&self, run_id: &str, owner: &str) -> Result<(), Error>;
+    /// Gives the lease back, recording whether the pass left pending
+    /// tasks behind for lack of room (so workers wait for them rather than
+    /// stop).
+    async fn release_lease(&self, run_id: &str, owner: &str, waiting: bool) -> Result<(), Error>;
     /// Records the instances a fleet request launched; `request_number`
-    /// must be the run's current `fleet_requests`, so a request is counted once.
+    /// must be the run's current `fleet_requests`, so a request is counted
+    /// once. `false` if that request was already recorded.
     async fn record_fleet(
         &self,
         run_id: &str,
         request_number: u32,
-        instance_ids: &[String],
-    ) -> Result<(), Error>;
+        launched: &[Launched],
+    ) -> Result<bool, Error>;
     /// OPEN → FINISHED, and the run stops being current. `false` if it was
     /// no longer open.
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error>;
@@ -138,8 +192,9 @@ pub struct Outgoing {
     pub body: String,
 }
 
-/// An SQS queue (dispatcher, worker). Batch methods take at most 10 entries
-/// and return the ids or receipts that failed.
+/// An SQS queue (dispatcher, worker). Batch methods take one batch (see
+/// [`crate::limits::sqs_batches`]) and return the ids or receipts that
+/// failed.
 #[async_trait]
 pub trait Queue: Send + Sync {
     async fn send_batch(&self, messages: &[Outgoing]) -> Result<Vec<String>, Error>;
@@ -158,7 +213,19 @@ pub trait Queue: Send + Sync {
 pub trait BlobStore: Send + Sync {
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), Error>;
     async fn get(&self, key: &str) -> Result<Vec<u8>, Error>;
-    async fn delete(&self, key: &str) -> Result<(), Error>;
+    /// Deletes objects, up to 1,000 a call; a missing key is no error.
+    async fn delete_many(&self, keys: &[String]) -> Result<(), Error>;
+}
+
+/// A worker instance of this stack, as EC2 describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInstance {
+    pub id: String,
+    /// The run it was launched for, from its tag.
+    pub run_id: Option<String>,
+    pub launched_at: DateTime<Utc>,
+    /// Pending or running (not stopping, stopped or terminated).
+    pub alive: bool,
 }
 
 /// Spot capacity (dispatcher).
@@ -166,13 +233,8 @@ pub trait BlobStore: Send + Sync {
 pub trait Fleet: Send + Sync {
     /// Launches up to `count` spot workers tagged with the run; `token`
     /// makes a repeated request launch nothing new.
-    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<String>, Error>;
-    /// Workers of the run that are pending or running.
-    async fn active_instances(&self, run_id: &str) -> Result<Vec<String>, Error>;
-}
-
-/// A worker's own instance (worker).
-#[async_trait]
-pub trait InstanceControl: Send + Sync {
-    async fn terminate(&self, instance_id: &str) -> Result<(), Error>;
+    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<Launched>, Error>;
+    /// This stack's workers, of every run, in every state EC2 still shows.
+    async fn instances(&self) -> Result<Vec<WorkerInstance>, Error>;
+    async fn terminate(&self, instance_ids: &[String]) -> Result<(), Error>;
 }

@@ -1,23 +1,31 @@
-//! EC2 adapters: the spot fleet ([`Fleet`]) and a worker's own instance
-//! ([`InstanceControl`]).
+//! EC2 adapter of [`Fleet`]: instant spot fleets from the worker launch
+//! template, this stack's workers, and terminating them.
 
 use async_trait::async_trait;
 pub use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{
     DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfigRequest,
     FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest, FleetType,
-    InstanceType, ResourceType, SpotAllocationStrategy, SpotOptionsRequest, Tag, TagSpecification,
-    TargetCapacitySpecificationRequest,
+    InstanceStateName, InstanceType, ResourceType, SpotAllocationStrategy, SpotOptionsRequest, Tag,
+    TagSpecification, TargetCapacitySpecificationRequest,
 };
+use chrono::{DateTime, Utc};
 
+use super::classify;
 use crate::Error;
-use crate::ports::{Fleet, InstanceControl};
+use crate::model::Launched;
+use crate::ports::{Fleet, WorkerInstance};
 
 /// The tag that ties an instance to its run.
 pub const RUN_TAG: &str = "nightshift:run-id";
+/// The tag that ties an instance to this stack: its launch template's id.
+/// The dispatcher may terminate only instances that carry it.
+pub const TEMPLATE_TAG: &str = "nightshift:launch-template";
 /// The tag the workers' IAM policies are scoped by (the launch template sets
 /// it too; the request carries it so tag-conditioned launch rights apply).
 pub const ROLE_TAG: (&str, &str) = ("nightshift:role", "worker");
+/// TerminateInstances' most ids a call.
+const TERMINATE_BATCH: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct SpotFleet {
@@ -40,9 +48,14 @@ impl SpotFleet {
     }
 }
 
+fn time_of(at: Option<&aws_sdk_ec2::primitives::DateTime>) -> DateTime<Utc> {
+    at.and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
+        .unwrap_or_else(Utc::now)
+}
+
 #[async_trait]
 impl Fleet for SpotFleet {
-    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<String>, Error> {
+    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<Launched>, Error> {
         let overrides = self.instance_types.iter().map(|instance_type| {
             FleetLaunchTemplateOverridesRequest::builder()
                 .instance_type(InstanceType::from(instance_type.as_str()))
@@ -78,12 +91,18 @@ impl Fleet for SpotFleet {
                 TagSpecification::builder()
                     .resource_type(ResourceType::Instance)
                     .tags(Tag::builder().key(RUN_TAG).value(run_id).build())
+                    .tags(
+                        Tag::builder()
+                            .key(TEMPLATE_TAG)
+                            .value(&self.launch_template_id)
+                            .build(),
+                    )
                     .tags(Tag::builder().key(ROLE_TAG.0).value(ROLE_TAG.1).build())
                     .build(),
             )
             .send()
             .await
-            .map_err(|e| Error::service("CreateFleet", e))?;
+            .map_err(|e| classify("CreateFleet", e))?;
         for error in output.errors() {
             tracing::warn!(
                 run_id,
@@ -92,69 +111,70 @@ impl Fleet for SpotFleet {
                 "part of the fleet could not launch"
             );
         }
+        let now = Utc::now();
         Ok(output
             .instances()
             .iter()
-            .flat_map(|i| i.instance_ids().iter().cloned())
+            .flat_map(|group| {
+                let instance_type = group.instance_type().map(|t| t.as_str().to_owned());
+                let lifecycle = group.lifecycle().map(|l| l.as_str().to_owned());
+                group.instance_ids().iter().map(move |id| Launched {
+                    id: id.clone(),
+                    launched_at: now,
+                    instance_type: instance_type.clone(),
+                    lifecycle: lifecycle.clone(),
+                })
+            })
             .collect())
     }
 
-    async fn active_instances(&self, run_id: &str) -> Result<Vec<String>, Error> {
-        let mut ids = Vec::new();
+    async fn instances(&self) -> Result<Vec<WorkerInstance>, Error> {
+        let mut found = Vec::new();
         let mut pages = self
             .client
             .describe_instances()
             .filters(
                 Filter::builder()
-                    .name(format!("tag:{RUN_TAG}"))
-                    .values(run_id)
-                    .build(),
-            )
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
+                    .name(format!("tag:{TEMPLATE_TAG}"))
+                    .values(&self.launch_template_id)
                     .build(),
             )
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| Error::service("DescribeInstances", e))?;
-            for reservation in page.reservations() {
-                ids.extend(
-                    reservation
-                        .instances()
+            let page = page.map_err(|e| classify("DescribeInstances", e))?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                let Some(id) = instance.instance_id() else {
+                    continue;
+                };
+                let state = instance.state().and_then(|s| s.name());
+                found.push(WorkerInstance {
+                    id: id.to_owned(),
+                    alive: matches!(
+                        state,
+                        Some(InstanceStateName::Pending | InstanceStateName::Running)
+                    ),
+                    run_id: instance
+                        .tags()
                         .iter()
-                        .filter_map(|i| i.instance_id().map(str::to_owned)),
-                );
+                        .find(|t| t.key() == Some(RUN_TAG))
+                        .and_then(|t| t.value().map(str::to_owned)),
+                    launched_at: time_of(instance.launch_time()),
+                });
             }
         }
-        Ok(ids)
+        Ok(found)
     }
-}
 
-/// Lets a worker terminate its own instance when the queue is drained.
-#[derive(Debug, Clone)]
-pub struct Ec2Instances {
-    client: Client,
-}
-
-impl Ec2Instances {
-    pub fn new(client: Client) -> Self {
-        Self { client }
-    }
-}
-
-#[async_trait]
-impl InstanceControl for Ec2Instances {
-    async fn terminate(&self, instance_id: &str) -> Result<(), Error> {
-        self.client
-            .terminate_instances()
-            .instance_ids(instance_id)
-            .send()
-            .await
-            .map_err(|e| Error::service("TerminateInstances", e))?;
+    async fn terminate(&self, instance_ids: &[String]) -> Result<(), Error> {
+        for chunk in instance_ids.chunks(TERMINATE_BATCH) {
+            self.client
+                .terminate_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| classify("TerminateInstances", e))?;
+        }
         Ok(())
     }
 }

@@ -3,9 +3,14 @@
 use async_trait::async_trait;
 pub use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
+use super::{build_error, classify};
 use crate::Error;
 use crate::ports::BlobStore;
+
+/// DeleteObjects' most keys a call.
+const DELETE_BATCH: usize = 1000;
 
 #[derive(Debug, Clone)]
 pub struct S3Blobs {
@@ -33,7 +38,7 @@ impl BlobStore for S3Blobs {
             .body(ByteStream::from(bytes))
             .send()
             .await
-            .map_err(|e| Error::service("PutObject", e))?;
+            .map_err(|e| classify("PutObject", e))?;
         Ok(())
     }
 
@@ -45,23 +50,48 @@ impl BlobStore for S3Blobs {
             .key(key)
             .send()
             .await
-            .map_err(|e| Error::service("GetObject", e))?;
+            .map_err(|e| classify("GetObject", e))?;
         let bytes = output
             .body
             .collect()
             .await
-            .map_err(|e| Error::service("GetObject body", e))?;
+            .map_err(|e| Error::transient("GetObject body", e))?;
         Ok(bytes.into_bytes().to_vec())
     }
 
-    async fn delete(&self, key: &str) -> Result<(), Error> {
-        self.client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| Error::service("DeleteObject", e))?;
+    async fn delete_many(&self, keys: &[String]) -> Result<(), Error> {
+        for chunk in keys.chunks(DELETE_BATCH) {
+            let objects = chunk
+                .iter()
+                .map(|key| ObjectIdentifier::builder().key(key).build())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| build_error("ObjectIdentifier", e))?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(|e| build_error("Delete", e))?;
+            let output = self
+                .client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(|e| classify("DeleteObjects", e))?;
+            if let Some(error) = output.errors().first() {
+                return Err(Error::transient(
+                    "DeleteObjects",
+                    format!(
+                        "{} of {} keys not deleted, e.g. {}: {}",
+                        output.errors().len(),
+                        chunk.len(),
+                        error.key().unwrap_or_default(),
+                        error.code().unwrap_or_default()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }

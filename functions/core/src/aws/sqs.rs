@@ -9,6 +9,7 @@ use aws_sdk_sqs::types::{
     MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
 };
 
+use super::{build_error, classify};
 use crate::Error;
 use crate::ports::{Outgoing, Queue, Received};
 
@@ -48,7 +49,7 @@ impl Queue for SqsQueue {
                     .id(&m.id)
                     .message_body(&m.body)
                     .build()
-                    .map_err(|e| Error::service("build SendMessageBatch entry", e))
+                    .map_err(|e| build_error("build SendMessageBatch entry", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let output = self
@@ -58,7 +59,7 @@ impl Queue for SqsQueue {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| Error::service("SendMessageBatch", e))?;
+            .map_err(|e| classify("SendMessageBatch", e))?;
         Ok(output.failed().iter().map(|f| f.id().to_owned()).collect())
     }
 
@@ -72,7 +73,7 @@ impl Queue for SqsQueue {
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
             .await
-            .map_err(|e| Error::service("ReceiveMessage", e))?;
+            .map_err(|e| classify("ReceiveMessage", e))?;
         Ok(output
             .messages()
             .iter()
@@ -104,7 +105,7 @@ impl Queue for SqsQueue {
                     .id(i.to_string())
                     .receipt_handle(receipt)
                     .build()
-                    .map_err(|e| Error::service("build DeleteMessageBatch entry", e))
+                    .map_err(|e| build_error("build DeleteMessageBatch entry", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let output = self
@@ -114,7 +115,7 @@ impl Queue for SqsQueue {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| Error::service("DeleteMessageBatch", e))?;
+            .map_err(|e| classify("DeleteMessageBatch", e))?;
         Ok(failed_receipts(
             receipts,
             output.failed().iter().map(|f| f.id()),
@@ -138,7 +139,7 @@ impl Queue for SqsQueue {
                     .receipt_handle(receipt)
                     .visibility_timeout(seconds(timeout))
                     .build()
-                    .map_err(|e| Error::service("build ChangeMessageVisibilityBatch entry", e))
+                    .map_err(|e| build_error("build ChangeMessageVisibilityBatch entry", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let output = self
@@ -148,7 +149,7 @@ impl Queue for SqsQueue {
             .set_entries(Some(entries))
             .send()
             .await
-            .map_err(|e| Error::service("ChangeMessageVisibilityBatch", e))?;
+            .map_err(|e| classify("ChangeMessageVisibilityBatch", e))?;
         Ok(failed_receipts(
             receipts,
             output.failed().iter().map(|f| f.id()),
@@ -163,7 +164,7 @@ impl Queue for SqsQueue {
             .attribute_names(QueueAttributeName::VisibilityTimeout)
             .send()
             .await
-            .map_err(|e| Error::service("GetQueueAttributes", e))?;
+            .map_err(|e| classify("GetQueueAttributes", e))?;
         output
             .attributes()
             .and_then(|a| a.get(&QueueAttributeName::VisibilityTimeout))

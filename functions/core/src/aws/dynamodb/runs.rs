@@ -1,0 +1,173 @@
+//! [`RunStore`]: runs, the current-run pointer, the dispatch lease and the
+//! fleet record.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, TransactWriteItem};
+use chrono::{DateTime, Utc};
+
+use super::codec::*;
+use super::{DynamoStore, Transaction};
+use crate::Error;
+use crate::aws::build_error;
+use crate::model::{Launched, Run, RunState};
+use crate::ports::{RunReader, RunStore};
+
+#[async_trait]
+impl RunReader for DynamoStore {
+    async fn run(&self, run_id: &str) -> Result<Option<Run>, Error> {
+        self.get(run_key(run_id))
+            .await?
+            .map(|item| run_from_item(&item))
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl RunStore for DynamoStore {
+    async fn current_run(&self) -> Result<Option<Run>, Error> {
+        let Some(pointer) = self.get(current_run_key()).await? else {
+            return Ok(None);
+        };
+        self.run(&req_s(&pointer, CURRENT_RUN_ID)?).await
+    }
+
+    async fn open_run(&self, new_run_id: &str, now: DateTime<Utc>) -> Result<(Run, bool), Error> {
+        if let Some(run) = self.current_run().await? {
+            return Ok((run, false));
+        }
+        let mut pointer = current_run_key();
+        pointer.insert(CURRENT_RUN_ID.into(), s(new_run_id));
+        let mut run_item = run_key(new_run_id);
+        run_item.extend([
+            (ID.to_owned(), s(new_run_id)),
+            (STATE.to_owned(), s(RunState::Open.as_str())),
+            (STARTED_AT.to_owned(), s(&timestamp(now))),
+            (QUEUED.to_owned(), num(0)),
+            (DONE.to_owned(), num(0)),
+            (FAILED.to_owned(), num(0)),
+            (FLEET_REQUESTS.to_owned(), num(0)),
+            (INSTANCES.to_owned(), AttributeValue::M(HashMap::new())),
+            (WAITING.to_owned(), AttributeValue::Bool(false)),
+        ]);
+        let run = run_from_item(&run_item)?;
+        let transaction = self
+            .transact(vec![
+                self.put_if_absent(pointer)?,
+                self.put_if_absent(run_item)?,
+            ])
+            .await?;
+        if transaction == Transaction::Committed {
+            return Ok((run, true));
+        }
+        // Another caller opened a run first: that one is the run.
+        let run = self
+            .current_run()
+            .await?
+            .ok_or_else(|| Error::malformed("run", "current run vanished while opening one"))?;
+        Ok((run, false))
+    }
+
+    async fn acquire_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        now: DateTime<Utc>,
+        ttl: Duration,
+    ) -> Result<bool, Error> {
+        let now_ms = now.timestamp_millis().unsigned_abs();
+        let until = now_ms + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2);
+        self.conditional_update(self.update(
+            run_key(run_id),
+            "SET #lease_owner = :owner, #lease_until = :until",
+            Some("#state = :open AND (attribute_not_exists(#lease_until) OR #lease_until < :now)"),
+            &[LEASE_OWNER, LEASE_UNTIL, STATE],
+            HashMap::from([
+                (":owner".into(), s(owner)),
+                (":until".into(), num(until)),
+                (":now".into(), num(now_ms)),
+                (":open".into(), s(RunState::Open.as_str())),
+            ]),
+        )?)
+        .await
+    }
+
+    async fn release_lease(&self, run_id: &str, owner: &str, waiting: bool) -> Result<(), Error> {
+        // A refusal means the lease expired and was taken over: nothing of
+        // ours is left to release.
+        self.conditional_update(self.update(
+            run_key(run_id),
+            "SET #waiting = :waiting REMOVE #lease_owner, #lease_until",
+            Some("#lease_owner = :owner"),
+            &[LEASE_OWNER, LEASE_UNTIL, WAITING],
+            HashMap::from([
+                (":owner".into(), s(owner)),
+                (":waiting".into(), AttributeValue::Bool(waiting)),
+            ]),
+        )?)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_fleet(
+        &self,
+        run_id: &str,
+        request_number: u32,
+        launched: &[Launched],
+    ) -> Result<bool, Error> {
+        let mut values: Item = HashMap::from([
+            (":n".into(), num(u64::from(request_number))),
+            (":next".into(), num(u64::from(request_number) + 1)),
+        ]);
+        let mut sets = vec!["#fleet_requests = :next".to_owned()];
+        for (i, instance) in launched.iter().enumerate() {
+            values.insert(format!(":i{i}"), launched_value(instance));
+            sets.push(format!("#instances.#i{i} = :i{i}"));
+        }
+        let mut update = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(run_key(run_id)))
+            .update_expression(format!("SET {}", sets.join(", ")))
+            .condition_expression("#fleet_requests = :n")
+            .set_expression_attribute_values(Some(values));
+        for (i, instance) in launched.iter().enumerate() {
+            update = update.expression_attribute_names(format!("#i{i}"), &instance.id);
+        }
+        for name in [FLEET_REQUESTS, INSTANCES] {
+            update = update.expression_attribute_names(format!("#{name}"), name);
+        }
+        let update = update.build().map_err(|e| build_error("Update", e))?;
+        self.conditional_update(update).await
+    }
+
+    async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {
+        let close = self.update(
+            run_key(run_id),
+            "SET #state = :finished, #finished_at = :now",
+            Some("#state = :open"),
+            &[STATE, FINISHED_AT],
+            HashMap::from([
+                (":finished".into(), s(RunState::Finished.as_str())),
+                (":open".into(), s(RunState::Open.as_str())),
+                (":now".into(), s(&timestamp(now))),
+            ]),
+        )?;
+        let release_pointer = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(current_run_key()))
+            .condition_expression("#current = :run")
+            .expression_attribute_names("#current", CURRENT_RUN_ID)
+            .expression_attribute_values(":run", s(run_id))
+            .build()
+            .map_err(|e| build_error("Delete", e))?;
+        let transaction = self
+            .transact(vec![
+                TransactWriteItem::builder().update(close).build(),
+                TransactWriteItem::builder().delete(release_pointer).build(),
+            ])
+            .await?;
+        Ok(transaction == Transaction::Committed)
+    }
+}

@@ -1,0 +1,301 @@
+//! [`TaskWriter`] and [`TaskReader`]: tasks staged, committed or aborted as
+//! one request, and read back.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::types::{Delete, Put, PutRequest, TransactWriteItem, WriteRequest};
+use chrono::Utc;
+
+use super::codec::{self, *};
+use super::{
+    CONDITION_FAILED, DynamoStore, TRANSACTION_ITEMS, Transaction, pause_before_retry,
+    transaction_groups,
+};
+use crate::Error;
+use crate::aws::{build_error, classify};
+use crate::model::{NewTask, Task, TaskStatus};
+use crate::ports::{InsertOutcome, TaskReader, TaskWriter};
+
+/// How long a STAGED task outlives a request that died before it ended.
+const STAGED_TTL_SECONDS: i64 = 24 * 3600;
+
+impl DynamoStore {
+    /// The item of a task written by `request_id`: STAGED, or PENDING once
+    /// `committed`.
+    pub(super) fn task_item(&self, task: &NewTask, request_id: &str, committed: bool) -> Item {
+        let mut item = task_key(&task.id);
+        item.insert(REQUEST_ID.into(), s(request_id));
+        item.insert(TASK_ID.into(), s(&task.id));
+        item.insert(ACCOUNT.into(), s(&task.account));
+        item.insert(KERNEL.into(), s(&task.kernel));
+        item.insert(CREATED_AT.into(), s(&timestamp(task.created_at)));
+        let (name, value) = blob_attribute(PAYLOAD, PAYLOAD_KEY, &task.payload);
+        item.insert(name.into(), value);
+        if let Some(idempotency) = &task.idempotency {
+            item.insert(IDEMPOTENCY_KEY.into(), s(&idempotency.key));
+            item.insert(REQUEST_DIGEST.into(), s(&idempotency.request_digest));
+        }
+        if committed {
+            item.insert(STATUS.into(), s(TaskStatus::Pending.as_str()));
+            item.insert(
+                PENDING_SHARD.into(),
+                s(&task.pending_shard(self.pending_shards).to_string()),
+            );
+        } else {
+            item.insert(STATUS.into(), s(TaskStatus::Staged.as_str()));
+            let expires = Utc::now().timestamp() + STAGED_TTL_SECONDS;
+            item.insert(EXPIRES_AT.into(), num(expires.unsigned_abs()));
+        }
+        item
+    }
+
+    pub(super) fn put_request(item: Item) -> Result<WriteRequest, Error> {
+        let put = PutRequest::builder()
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| build_error("PutRequest", e))?;
+        Ok(WriteRequest::builder().put_request(put).build())
+    }
+
+    pub(super) fn put_if_absent(&self, item: Item) -> Result<TransactWriteItem, Error> {
+        Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map(|put| TransactWriteItem::builder().put(put).build())
+            .map_err(|e| build_error("Put", e))
+    }
+
+    /// What exists under an id that refused a conditional insert.
+    async fn existing(&self, task_id: &str) -> Result<InsertOutcome, Error> {
+        let item = self.get(task_key(task_id)).await?;
+        let staged = item
+            .as_ref()
+            .is_some_and(|i| status_of(i).is_ok_and(|s| s == TaskStatus::Staged));
+        Ok(InsertOutcome::Exists {
+            request_digest: item.as_ref().and_then(|i| opt_s(i, REQUEST_DIGEST)),
+            staged_by: item
+                .as_ref()
+                .filter(|_| staged)
+                .and_then(|i| opt_s(i, REQUEST_ID)),
+        })
+    }
+
+    async fn insert_one(&self, item: Item, task_id: &str) -> Result<InsertOutcome, Error> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(InsertOutcome::Inserted),
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                self.existing(task_id).await
+            }
+            Err(e) => Err(classify("PutItem", e)),
+        }
+    }
+
+    /// Conditional inserts of keyed tasks, in transactions bounded by count
+    /// and bytes; a task whose id exists is reported, the others inserted.
+    async fn stage_keyed(
+        &self,
+        request_id: &str,
+        tasks: &[&NewTask],
+    ) -> Result<HashMap<String, InsertOutcome>, Error> {
+        let mut outcomes = HashMap::new();
+        let sized = tasks
+            .iter()
+            .map(|task| {
+                let item = self.task_item(task, request_id, false);
+                let size = item_size(&item);
+                ((task.id.clone(), item), size)
+            })
+            .collect();
+        for mut group in transaction_groups(sized, 0) {
+            while !group.is_empty() {
+                let puts = group
+                    .iter()
+                    .map(|(_, item)| self.put_if_absent(item.clone()))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                let codes = match self.transact(puts).await? {
+                    Transaction::Committed => {
+                        for (id, _) in group.drain(..) {
+                            outcomes.insert(id, InsertOutcome::Inserted);
+                        }
+                        break;
+                    }
+                    Transaction::Cancelled(codes) => codes,
+                };
+                if codes.len() != group.len() {
+                    // No reasons given: settle one by one.
+                    for (id, item) in group.drain(..) {
+                        let outcome = self.insert_one(item, &id).await?;
+                        outcomes.insert(id, outcome);
+                    }
+                    break;
+                }
+                let mut rest = Vec::new();
+                for ((id, item), code) in group.drain(..).zip(codes) {
+                    match code.as_deref() {
+                        Some(CONDITION_FAILED) => {
+                            let outcome = self.existing(&id).await?;
+                            outcomes.insert(id, outcome);
+                        }
+                        Some(other) => {
+                            return Err(Error::permanent(
+                                "TransactWriteItems",
+                                format!("task {id} refused: {other}"),
+                            ));
+                        }
+                        None => rest.push((id, item)),
+                    }
+                }
+                group = rest;
+            }
+        }
+        Ok(outcomes)
+    }
+}
+
+#[async_trait]
+impl TaskWriter for DynamoStore {
+    async fn stage(
+        &self,
+        request_id: &str,
+        tasks: &[NewTask],
+    ) -> Result<Vec<InsertOutcome>, Error> {
+        let (keyed, plain): (Vec<&NewTask>, Vec<&NewTask>) =
+            tasks.iter().partition(|t| t.idempotency.is_some());
+        let requests = plain
+            .iter()
+            .map(|task| Self::put_request(self.task_item(task, request_id, false)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.batch_write(requests).await?;
+        let mut keyed_outcomes = self.stage_keyed(request_id, &keyed).await?;
+        Ok(tasks
+            .iter()
+            .map(|task| {
+                keyed_outcomes
+                    .remove(&task.id)
+                    .unwrap_or(InsertOutcome::Inserted)
+            })
+            .collect())
+    }
+
+    async fn commit(&self, request_id: &str, tasks: &[NewTask]) -> Result<(), Error> {
+        // The request's own STAGED items, rewritten PENDING: nothing else
+        // writes a STAGED item, so the puts need no condition.
+        let requests = tasks
+            .iter()
+            .map(|task| Self::put_request(self.task_item(task, request_id, true)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.batch_write(requests).await
+    }
+
+    async fn abort(&self, request_id: &str, task_ids: &[String]) -> Result<(), Error> {
+        // Only what this request wrote and no dispatcher has queued yet.
+        let mut ids: Vec<&String> = task_ids.iter().collect();
+        for attempt in 0u32.. {
+            let mut refused = Vec::new();
+            for group in ids.chunks(TRANSACTION_ITEMS) {
+                let deletes = group
+                    .iter()
+                    .map(|id| self.abort_delete(request_id, id))
+                    .collect::<Result<Vec<_>, Error>>()?;
+                if let Transaction::Cancelled(codes) = self.transact(deletes).await? {
+                    if codes.len() != group.len() {
+                        return Err(Error::transient(
+                            "TransactWriteItems",
+                            "abort refused without reasons",
+                        ));
+                    }
+                    // Deletes refused by their condition are not ours to
+                    // make; the others go again.
+                    refused.extend(
+                        group
+                            .iter()
+                            .zip(codes)
+                            .filter(|(_, code)| code.is_none())
+                            .map(|(id, _)| *id),
+                    );
+                }
+            }
+            if refused.is_empty() {
+                return Ok(());
+            }
+            pause_before_retry("TransactWriteItems", attempt, refused.len()).await?;
+            ids = refused;
+        }
+        Ok(())
+    }
+}
+
+impl DynamoStore {
+    fn abort_delete(&self, request_id: &str, task_id: &str) -> Result<TransactWriteItem, Error> {
+        Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(task_key(task_id)))
+            .condition_expression(
+                "#request_id = :request AND (#status = :staged OR #status = :pending)",
+            )
+            .expression_attribute_names("#request_id", REQUEST_ID)
+            .expression_attribute_names("#status", STATUS)
+            .expression_attribute_values(":request", s(request_id))
+            .expression_attribute_values(":staged", s(TaskStatus::Staged.as_str()))
+            .expression_attribute_values(":pending", s(TaskStatus::Pending.as_str()))
+            .build()
+            .map(|delete| TransactWriteItem::builder().delete(delete).build())
+            .map_err(|e| build_error("Delete", e))
+    }
+}
+
+#[async_trait]
+impl TaskReader for DynamoStore {
+    async fn task(&self, task_id: &str) -> Result<Option<Task>, Error> {
+        let Some(item) = self.get(task_key(task_id)).await? else {
+            return Ok(None);
+        };
+        let task = task_from_item(&item)?;
+        Ok((task.status != TaskStatus::Staged).then_some(task))
+    }
+
+    async fn tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, Error> {
+        self.batch_get_tasks(task_ids, None)
+            .await?
+            .iter()
+            .map(task_from_item)
+            .collect()
+    }
+
+    async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error> {
+        let mut tasks = Vec::new();
+        let mut start_key = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name("by_run")
+                .key_condition_expression("run_id = :run")
+                .expression_attribute_values(":run", s(run_id))
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| classify("Query by_run", e))?;
+            for item in output.items() {
+                tasks.push(codec::task_from_item(item)?);
+            }
+            start_key = output.last_evaluated_key;
+            if start_key.is_none() {
+                return Ok(tasks);
+            }
+        }
+    }
+}

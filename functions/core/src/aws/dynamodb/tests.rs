@@ -1,0 +1,193 @@
+//! The adapter against the real SDK client with mocked responses: how it
+//! reads refusals, conflicts and limits. The rules themselves are held to
+//! account by the conformance suite, on the emulator.
+
+use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
+use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
+use aws_sdk_dynamodb::operation::transact_write_items::{
+    TransactWriteItemsError, TransactWriteItemsOutput,
+};
+use aws_sdk_dynamodb::types::CancellationReason;
+use aws_sdk_dynamodb::types::error::TransactionCanceledException;
+use aws_smithy_mocks::{RuleMode, mock, mock_client};
+use chrono::Utc;
+use serde_json::json;
+
+use super::codec::*;
+use super::*;
+use crate::message::{TaskOutcome, TaskResult};
+use crate::model::{Blob, NewTask};
+use crate::ports::{PendingTasks, RecordOutcome, ResultRecorder, TaskWriter};
+
+fn cancelled(codes: &[&str]) -> TransactWriteItemsError {
+    let reasons = codes
+        .iter()
+        .map(|code| CancellationReason::builder().code(*code).build())
+        .collect();
+    TransactWriteItemsError::TransactionCanceledException(
+        TransactionCanceledException::builder()
+            .message("Transaction cancelled")
+            .set_cancellation_reasons(Some(reasons))
+            .build(),
+    )
+}
+
+fn committed() -> TransactWriteItemsOutput {
+    TransactWriteItemsOutput::builder().build()
+}
+
+fn result(task_id: &str) -> TaskResult {
+    TaskResult {
+        task_id: task_id.into(),
+        run_id: "r1".into(),
+        instance_id: "i-1".into(),
+        attempts: 1,
+        started_at: Utc::now(),
+        finished_at: Utc::now(),
+        outcome: TaskOutcome::Done {
+            result: Blob::Inline(json!({"x": 1})),
+            summary: "ok".into(),
+        },
+    }
+}
+
+#[tokio::test]
+async fn a_conflicting_transaction_is_retried_not_taken_for_a_refusal() {
+    // TransactionConflict on the hot run item twice, then it commits.
+    let rule = mock!(Client::transact_write_items)
+        .sequence()
+        .error(|| cancelled(&["None", "TransactionConflict"]))
+        .error(|| cancelled(&["None", "TransactionConflict"]))
+        .output(committed)
+        .build();
+    let client = mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&rule]);
+    let store = DynamoStore::new(client, "t", 4);
+    let outcomes = store.record_results(&[result("a")]).await.unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Recorded]);
+    assert_eq!(rule.num_calls(), 3);
+}
+
+#[tokio::test]
+async fn a_result_over_the_item_limit_fails_its_task_and_the_rest_is_recorded() {
+    // [a, b, counter]: a is too large. b is retried alone and commits; a is
+    // recorded FAILED with the reason.
+    let rule = mock!(Client::transact_write_items)
+        .sequence()
+        .error(|| cancelled(&["ValidationError", "None", "None"]))
+        .output(committed)
+        .output(committed)
+        .build();
+    let client = mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&rule]);
+    let store = DynamoStore::new(client, "t", 4);
+    let outcomes = store
+        .record_results(&[result("a"), result("b")])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[0], RecordOutcome::FailedInstead(reason) if reason == crate::limits::RESULT_TOO_LARGE),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1], RecordOutcome::Recorded);
+    assert_eq!(rule.num_calls(), 3);
+}
+
+#[tokio::test]
+async fn a_refused_result_is_explained_by_the_rules() {
+    // The task is already DONE: a redelivery, acknowledged as a duplicate.
+    let refused = mock!(Client::transact_write_items)
+        .then_error(|| cancelled(&["ConditionalCheckFailed", "None"]));
+    let read = mock!(Client::get_item).then_output(|| {
+        let mut item = task_key("a");
+        item.insert(STATUS.into(), s("DONE"));
+        item.insert(RUN_ID.into(), s("r1"));
+        GetItemOutput::builder().set_item(Some(item)).build()
+    });
+    let client = mock_client!(aws_sdk_dynamodb, [&refused, &read]);
+    let store = DynamoStore::new(client, "t", 4);
+    let outcomes = store.record_results(&[result("a")]).await.unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Duplicate]);
+}
+
+#[tokio::test]
+async fn tasks_no_longer_pending_are_dropped_and_the_rest_queued_with_one_counter() {
+    let rule = mock!(Client::transact_write_items)
+        .sequence()
+        .error(|| cancelled(&["None", "ConditionalCheckFailed", "None", "None"]))
+        .output(committed)
+        .build();
+    let client = mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&rule]);
+    let store = DynamoStore::new(client, "t", 4);
+    let ids = ["a", "b", "c"].map(str::to_owned);
+    let changed = store.mark_queued("r1", &ids).await.unwrap();
+    assert_eq!(changed, vec!["a".to_owned(), "c".to_owned()]);
+    assert_eq!(rule.num_calls(), 2);
+}
+
+#[tokio::test]
+async fn one_transaction_queues_a_batch_with_its_run_counter() {
+    let rule = mock!(Client::transact_write_items)
+        .match_requests(|r| {
+            let items = r.transact_items();
+            // 10 task updates and the run's counter.
+            items.len() == 11
+                && items
+                    .last()
+                    .and_then(|i| i.update())
+                    .is_some_and(|u| u.update_expression() == "ADD #queued :queued")
+        })
+        .then_output(committed);
+    let client = mock_client!(aws_sdk_dynamodb, [&rule]);
+    let store = DynamoStore::new(client, "t", 4);
+    let ids: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+    assert_eq!(store.mark_queued("r1", &ids).await.unwrap().len(), 10);
+    assert_eq!(rule.num_calls(), 1);
+}
+
+#[tokio::test]
+async fn unprocessed_batch_writes_are_retried() {
+    let task = NewTask {
+        id: "t1".into(),
+        account: "a".into(),
+        kernel: "sleep".into(),
+        payload: Blob::Inline(json!({"seconds": 1})),
+        created_at: Utc::now(),
+        idempotency: None,
+    };
+    let store_for_item = DynamoStore::new(mock_client!(aws_sdk_dynamodb, []), "t", 4);
+    let unprocessed =
+        DynamoStore::put_request(store_for_item.task_item(&task, "req", false)).unwrap();
+    let rule = mock!(Client::batch_write_item)
+        .sequence()
+        .output(move || {
+            BatchWriteItemOutput::builder()
+                .unprocessed_items("t", vec![unprocessed.clone()])
+                .build()
+        })
+        .output(|| BatchWriteItemOutput::builder().build())
+        .build();
+    let client = mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&rule]);
+    let store = DynamoStore::new(client, "t", 4);
+    store
+        .stage("req", std::slice::from_ref(&task))
+        .await
+        .unwrap();
+    assert_eq!(rule.num_calls(), 2);
+}
+
+#[test]
+fn transactions_are_split_by_count_and_by_bytes() {
+    let many: Vec<(u32, usize)> = (0..150).map(|i| (i, 10)).collect();
+    let groups = transaction_groups(many, 1);
+    assert_eq!(
+        groups.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![99, 51]
+    );
+    let large: Vec<(u32, usize)> = (0..30).map(|i| (i, 300_000)).collect();
+    let groups = transaction_groups(large, 0);
+    assert!(groups.len() >= 3, "30 items of 300 KB exceed 4 MB");
+    assert!(
+        groups
+            .iter()
+            .all(|g| g.len() * 300_000 <= TRANSACTION_BYTES)
+    );
+}
