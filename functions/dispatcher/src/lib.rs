@@ -1,23 +1,30 @@
 //! The dispatcher: a reconciler, safe to run at any time and any number of
 //! times at once. Each pass:
 //!
-//! 1. finds the open run, or opens one when tasks are pending;
-//! 2. takes the run's dispatch lease (a conditional write with an expiry), so
+//! 1. terminates this stack's workers that no open run claims any more, or
+//!    that outlived their lifetime (workers stop themselves; this is the
+//!    backstop for those that could not);
+//! 2. finds the open run, or opens one when tasks are pending;
+//! 3. takes the run's dispatch lease (a conditional write with an expiry), so
 //!    two passes at once never queue the same task or launch two fleets;
-//! 3. moves pending tasks to the task queue, 10 per `SendMessageBatch`, each
-//!    batch then marked QUEUED with the run's counter in one transaction,
+//! 4. moves pending tasks to the task queue, page after page of the index
+//!    (by cursor, never by a page's length), in SQS batches bounded by count
+//!    and bytes, each batch then marked QUEUED with the run's counter,
 //!    keeping at most `max_queued` tasks of the run in flight;
-//! 4. sizes the spot fleet from the backlog and launches what is missing;
-//! 5. closes the run when nothing is pending and every queued task ended.
+//! 5. sizes the spot fleet from the backlog and launches what is missing;
+//! 6. closes the run when nothing is pending and every queued task ended.
 //!
 //! A message is sent before its task is marked, so a pass that dies between
 //! the two leaves the task PENDING and a later pass sends it again: a task is
-//! queued at least once, and its result is still recorded once.
+//! queued at least once, and its result is still recorded once. Within one
+//! pass a task is never sent twice.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use nightshift_core::ports::{Fleet, Outgoing, PendingTasks, Queue, RunStore};
+use nightshift_core::limits::sqs_batches;
+use nightshift_core::ports::{Fleet, Outgoing, PendingTasks, Queue, RunStore, WorkerInstance};
 use nightshift_core::{Envelope, PendingTask, Run, TaskMessage};
 use serde::Serialize;
 
@@ -44,6 +51,12 @@ pub struct Settings {
     pub pending_shards: u32,
     /// Longer than one pass can take (the function's timeout).
     pub lease_ttl: Duration,
+    /// A worker's longest life; one older than this and `stray_grace` is
+    /// terminated.
+    pub max_lifetime: Duration,
+    /// How long a worker whose run is no longer open may live on (to drain
+    /// what it holds) before it is terminated.
+    pub stray_grace: Duration,
 }
 
 /// The ports a pass uses.
@@ -63,16 +76,26 @@ pub struct Pass {
     pub skipped: Option<&'static str>,
     pub queued: usize,
     pub launched: usize,
+    pub terminated: usize,
+    /// Pending tasks were left for the next pass: the run had no more room.
+    pub waiting: bool,
     pub closed: bool,
 }
 
-/// Tasks read from the index per query.
+/// Index entries read per query.
 const PAGE: usize = 100;
-const SQS_BATCH: usize = 10;
+/// How long a launched instance may be missing from `DescribeInstances`
+/// (which is eventually consistent) and still count as running.
+const LAUNCH_VISIBILITY: Duration = Duration::from_secs(300);
 
 impl Dispatcher<'_> {
     pub async fn pass(&self, now: DateTime<Utc>, owner: &str) -> Result<Pass, DispatchError> {
-        let run = match self.runs.current_run().await? {
+        let current = self.runs.current_run().await?;
+        let instances = self.fleet.instances().await?;
+        let terminated = self
+            .terminate_strays(current.as_ref(), &instances, now)
+            .await?;
+        let run = match current {
             Some(run) => run,
             None if self.any_pending().await? => {
                 let new_id = uuid::Uuid::new_v4().to_string();
@@ -81,12 +104,14 @@ impl Dispatcher<'_> {
             None => {
                 return Ok(Pass {
                     skipped: Some("no open run and nothing pending"),
+                    terminated,
                     ..Pass::default()
                 });
             }
         };
         let mut pass = Pass {
             run_id: Some(run.id.clone()),
+            terminated,
             ..Pass::default()
         };
         if !self
@@ -97,8 +122,8 @@ impl Dispatcher<'_> {
             pass.skipped = Some("another dispatcher holds the run's lease");
             return Ok(pass);
         }
-        let worked = self.work(&run, now, &mut pass).await;
-        if let Err(error) = self.runs.release_lease(&run.id, owner).await {
+        let worked = self.work(&run, &instances, now, &mut pass).await;
+        if let Err(error) = self.runs.release_lease(&run.id, owner, pass.waiting).await {
             tracing::warn!(run_id = %run.id, error = %error, "could not release the lease; it expires");
         }
         worked.map(|()| pass)
@@ -107,16 +132,22 @@ impl Dispatcher<'_> {
     async fn work(
         &self,
         run: &Run,
+        instances: &[WorkerInstance],
         now: DateTime<Utc>,
         pass: &mut Pass,
     ) -> Result<(), DispatchError> {
         let room = self.settings.max_queued.saturating_sub(run.in_flight());
-        pass.queued = self
-            .queue_pending(&run.id, usize::try_from(room).unwrap_or(usize::MAX))
-            .await?;
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        (pass.queued, pass.waiting) = self.queue_pending(&run.id, room).await?;
         let run = self.runs.run(&run.id).await?.unwrap_or_else(|| run.clone());
-        pass.launched = self.size_fleet(&run).await?;
-        if run.in_flight() == 0 && !self.any_pending().await? {
+        pass.launched = self.size_fleet(&run, instances, now).await?;
+        if !pass.waiting
+            && nightshift_core::rules::run_may_close(
+                run.queued,
+                run.done + run.failed,
+                self.any_pending().await?,
+            )
+        {
             pass.closed = self.runs.close_run(&run.id, now).await?;
             if pass.closed {
                 tracing::info!(run_id = %run.id, done = run.done, failed = run.failed, "run finished");
@@ -125,92 +156,197 @@ impl Dispatcher<'_> {
         Ok(())
     }
 
+    /// Whether any shard lists a task still PENDING, reading past index
+    /// entries that are stale.
     async fn any_pending(&self) -> Result<bool, DispatchError> {
         for shard in 0..self.settings.pending_shards {
-            if !self.pending.pending(shard, 1).await?.is_empty() {
-                return Ok(true);
+            let mut after = None;
+            loop {
+                let page = self.pending.pending(shard, PAGE, after.as_ref()).await?;
+                if !page.items.is_empty() {
+                    return Ok(true);
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
             }
         }
         Ok(false)
     }
 
-    /// Sends up to `room` pending tasks, shard by shard; returns how many
-    /// were queued.
-    async fn queue_pending(&self, run_id: &str, room: usize) -> Result<usize, DispatchError> {
+    /// Sends up to `room` pending tasks, shard by shard, page by page;
+    /// returns how many were queued, and whether pending tasks were left
+    /// behind for lack of room.
+    async fn queue_pending(
+        &self,
+        run_id: &str,
+        room: usize,
+    ) -> Result<(usize, bool), DispatchError> {
+        let mut sent: HashSet<String> = HashSet::new();
         let mut queued = 0;
         for shard in 0..self.settings.pending_shards {
-            while queued < room {
-                let want = PAGE.min(room - queued);
-                let page = self.pending.pending(shard, want).await?;
-                for chunk in page.chunks(SQS_BATCH) {
-                    queued += self.queue_chunk(run_id, chunk).await?;
+            let mut after = None;
+            loop {
+                let page = self.pending.pending(shard, PAGE, after.as_ref()).await?;
+                let fresh: Vec<PendingTask> = page
+                    .items
+                    .into_iter()
+                    .filter(|task| !sent.contains(&task.id))
+                    .collect();
+                let left = room.saturating_sub(sent.len());
+                if fresh.len() > left {
+                    let take: Vec<PendingTask> = fresh.into_iter().take(left).collect();
+                    queued += self.queue_tasks(run_id, take, &mut sent).await?;
+                    return Ok((queued, true));
                 }
-                if page.len() < want {
-                    break;
+                queued += self.queue_tasks(run_id, fresh, &mut sent).await?;
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
                 }
             }
+        }
+        Ok((queued, false))
+    }
+
+    /// Sends tasks in SQS batches and marks the ones sent; every task sent
+    /// joins `sent`, whatever its marking did, so it is not sent again.
+    async fn queue_tasks(
+        &self,
+        run_id: &str,
+        tasks: Vec<PendingTask>,
+        sent: &mut HashSet<String>,
+    ) -> Result<usize, DispatchError> {
+        let messages: Vec<(String, String)> = tasks
+            .into_iter()
+            .map(|task| {
+                let body = Envelope::Task(TaskMessage {
+                    task_id: task.id.clone(),
+                    run_id: run_id.to_owned(),
+                    account: task.account,
+                    kernel: task.kernel,
+                    payload: task.payload,
+                    checkpoint_key: None,
+                    prior_attempts: 0,
+                })
+                .to_json();
+                (task.id, body)
+            })
+            .collect();
+        let mut queued = 0;
+        for batch in sqs_batches(messages, |(_, body)| body.len()) {
+            let outgoing: Vec<Outgoing> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, (_, body))| Outgoing {
+                    id: i.to_string(),
+                    body: body.clone(),
+                })
+                .collect();
+            let failed = match self.queue.send_batch(&outgoing).await {
+                Ok(failed) => failed,
+                Err(error) if !error.is_retryable() => {
+                    // This batch can never be sent as it is; its tasks stay
+                    // pending and the others go on.
+                    tracing::error!(run_id, %error, tasks = batch.len(), "a batch was refused");
+                    sent.extend(batch.into_iter().map(|(id, _)| id));
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            let delivered: Vec<String> = batch
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !failed.contains(&i.to_string()))
+                .map(|(_, (id, _))| id)
+                .collect();
+            if !failed.is_empty() {
+                tracing::warn!(
+                    run_id,
+                    failed = failed.len(),
+                    "some tasks were not sent; they stay pending"
+                );
+            }
+            sent.extend(delivered.iter().cloned());
+            queued += self.pending.mark_queued(run_id, &delivered).await?.len();
         }
         Ok(queued)
     }
 
-    async fn queue_chunk(
+    /// Launches workers for the backlog that the running ones cannot take.
+    /// An instance launched recently counts as running even before
+    /// `DescribeInstances` shows it.
+    async fn size_fleet(
         &self,
-        run_id: &str,
-        tasks: &[PendingTask],
+        run: &Run,
+        instances: &[WorkerInstance],
+        now: DateTime<Utc>,
     ) -> Result<usize, DispatchError> {
-        let messages: Vec<Outgoing> = tasks
-            .iter()
-            .enumerate()
-            .map(|(i, task)| Outgoing {
-                id: i.to_string(),
-                body: Envelope::Task(TaskMessage {
-                    task_id: task.id.clone(),
-                    run_id: run_id.to_owned(),
-                    account: task.account.clone(),
-                    kernel: task.kernel.clone(),
-                    payload: task.payload.clone(),
-                    checkpoint_key: None,
-                    prior_attempts: 0,
-                })
-                .to_json(),
-            })
-            .collect();
-        let failed = self.queue.send_batch(&messages).await?;
-        let sent: Vec<String> = tasks
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !failed.contains(&i.to_string()))
-            .map(|(_, task)| task.id.clone())
-            .collect();
-        if !failed.is_empty() {
-            tracing::warn!(
-                run_id,
-                failed = failed.len(),
-                "some tasks were not sent; they stay pending"
-            );
-        }
-        Ok(self.pending.mark_queued(run_id, &sent).await?.len())
-    }
-
-    /// Launches workers for the backlog that the active ones cannot take.
-    async fn size_fleet(&self, run: &Run) -> Result<usize, DispatchError> {
         let slots = u64::from(self.settings.slots_per_instance.max(1));
         let wanted = run
             .in_flight()
             .div_ceil(slots)
             .min(u64::from(self.settings.max_instances));
-        let active = self.fleet.active_instances(&run.id).await?.len() as u64;
-        if wanted <= active {
+        let described: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        let visible = chrono::Duration::from_std(LAUNCH_VISIBILITY).unwrap_or_default();
+        let alive = instances
+            .iter()
+            .filter(|i| i.alive && i.run_id.as_deref() == Some(run.id.as_str()))
+            .count();
+        let not_shown_yet = run
+            .instances
+            .iter()
+            .filter(|l| now - l.launched_at < visible && !described.contains(l.id.as_str()))
+            .count();
+        let running = (alive + not_shown_yet) as u64;
+        if wanted <= running {
             return Ok(0);
         }
-        let count = u32::try_from(wanted - active).unwrap_or(u32::MAX);
-        let token = format!("{}-{}", run.id, run.fleet_requests);
+        let count = u32::try_from(wanted - running).unwrap_or(u32::MAX);
+        // The count is part of the token: a request whose answer was lost
+        // and that is made again with another count is a new request, not
+        // a mismatch that would fail every later pass.
+        let token = format!("{}-{}-{count}", run.id, run.fleet_requests);
         let launched = self.fleet.launch(&run.id, count, &token).await?;
-        self.runs
+        if !self
+            .runs
             .record_fleet(&run.id, run.fleet_requests, &launched)
-            .await?;
+            .await?
+        {
+            tracing::warn!(run_id = %run.id, request = run.fleet_requests, "fleet request already recorded");
+        }
         tracing::info!(run_id = %run.id, requested = count, launched = launched.len(), "spot workers launched");
         Ok(launched.len())
+    }
+
+    /// Terminates workers that no open run claims any more, past a grace
+    /// that lets them drain, and workers past their lifetime.
+    async fn terminate_strays(
+        &self,
+        current: Option<&Run>,
+        instances: &[WorkerInstance],
+        now: DateTime<Utc>,
+    ) -> Result<usize, DispatchError> {
+        let grace = chrono::Duration::from_std(self.settings.stray_grace).unwrap_or_default();
+        let lifetime = chrono::Duration::from_std(self.settings.max_lifetime).unwrap_or_default();
+        let open = current.map(|run| run.id.as_str());
+        let strays: Vec<String> = instances
+            .iter()
+            .filter(|i| i.alive)
+            .filter(|i| {
+                let age = now - i.launched_at;
+                let orphaned = i.run_id.as_deref() != open && age > grace;
+                orphaned || age > lifetime + grace
+            })
+            .map(|i| i.id.clone())
+            .collect();
+        if strays.is_empty() {
+            return Ok(0);
+        }
+        tracing::warn!(instances = ?strays, "terminating workers that outlived their run or lifetime");
+        self.fleet.terminate(&strays).await?;
+        Ok(strays.len())
     }
 }
 

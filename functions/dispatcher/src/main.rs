@@ -20,6 +20,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         max_queued: config::parsed_or("NIGHTSHIFT_MAX_QUEUED", 2000)?,
         pending_shards: config::parsed_or("NIGHTSHIFT_PENDING_SHARDS", 8)?,
         lease_ttl: Duration::from_secs(config::parsed_or("NIGHTSHIFT_LEASE_SECONDS", 120)?),
+        max_lifetime: Duration::from_secs(config::parsed_or(
+            "NIGHTSHIFT_MAX_LIFETIME_SECONDS",
+            43_200,
+        )?),
+        stray_grace: Duration::from_secs(config::parsed_or("NIGHTSHIFT_STRAY_GRACE_SECONDS", 900)?),
     };
     let instance_types: Vec<String> = config::required("NIGHTSHIFT_INSTANCE_TYPES")?
         .split(',')

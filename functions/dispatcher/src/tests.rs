@@ -1,10 +1,16 @@
+//! The dispatcher against in-memory ports that yield at every call, so that
+//! passes started together interleave as they would against AWS.
+
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use chrono::Utc;
 use nightshift_core::fakes::{FakeFleet, MemoryQueue, MemoryStore};
-use nightshift_core::ports::{RunStore, TaskWriter};
-use nightshift_core::{Blob, Envelope, NewTask, TaskStatus};
-use serde_json::json;
+use nightshift_core::ports::{
+    Cursor, Page, PendingTasks, RecordOutcome, ResultRecorder, RunReader, TaskWriter,
+};
+use nightshift_core::{Blob, Envelope, NewTask, TaskOutcome, TaskResult, TaskStatus};
+use serde_json::{Value, json};
 
 use super::*;
 
@@ -17,16 +23,22 @@ struct World {
 
 impl World {
     fn new(max_queued: u64) -> Self {
+        Self::with_shards(max_queued, 4)
+    }
+
+    fn with_shards(max_queued: u64, shards: u32) -> Self {
         Self {
-            store: Arc::new(MemoryStore::new(4)),
+            store: Arc::new(MemoryStore::new(shards)),
             queue: Arc::new(MemoryQueue::default()),
             fleet: Arc::new(FakeFleet::default()),
             settings: Settings {
                 max_instances: 3,
                 slots_per_instance: 2,
                 max_queued,
-                pending_shards: 4,
+                pending_shards: shards,
                 lease_ttl: Duration::from_secs(120),
+                max_lifetime: Duration::from_secs(3600),
+                stray_grace: Duration::from_secs(600),
             },
         }
     }
@@ -41,30 +53,62 @@ impl World {
         }
     }
 
-    async fn add_tasks(&self, n: usize) {
+    async fn add(&self, n: usize, payload: Value) {
         let tasks: Vec<NewTask> = (0..n)
             .map(|i| NewTask {
                 id: format!("task-{i:03}"),
                 account: format!("acct-{i:03}"),
                 kernel: "sleep".into(),
-                payload: Blob::Inline(json!({"seconds": 0})),
+                payload: Blob::Inline(payload.clone()),
                 created_at: Utc::now(),
                 idempotency: None,
             })
             .collect();
-        self.store.insert_tasks(&tasks).await.unwrap();
+        self.store.stage("r", &tasks).await.unwrap();
+        self.store.commit("r", &tasks).await.unwrap();
     }
 
-    fn queued_task_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .queue
+    async fn add_tasks(&self, n: usize) {
+        self.add(n, json!({"seconds": 0})).await;
+    }
+
+    fn sent_task_ids(&self) -> Vec<String> {
+        self.queue
             .sent()
             .iter()
             .map(|body| Envelope::from_json(body).unwrap().task_id().to_owned())
-            .collect();
-        ids.sort();
-        ids
+            .collect()
     }
+
+    async fn finish_all(&self, run_id: &str) {
+        let results: Vec<TaskResult> = self
+            .store
+            .all_tasks()
+            .iter()
+            .filter(|t| t.status == TaskStatus::Queued)
+            .map(|t| TaskResult {
+                task_id: t.id.clone(),
+                run_id: run_id.to_owned(),
+                instance_id: "i-1".into(),
+                attempts: 1,
+                started_at: Utc::now(),
+                finished_at: Utc::now(),
+                outcome: TaskOutcome::Done {
+                    result: Blob::Inline(json!(1)),
+                    summary: "ok".into(),
+                },
+            })
+            .collect();
+        let outcomes = self.store.record_results(&results).await.unwrap();
+        assert!(outcomes.iter().all(|o| *o == RecordOutcome::Recorded));
+    }
+}
+
+fn distinct(mut ids: Vec<String>) -> bool {
+    let all = ids.len();
+    ids.sort();
+    ids.dedup();
+    ids.len() == all
 }
 
 #[tokio::test]
@@ -73,7 +117,7 @@ async fn pending_tasks_are_queued_in_batches_of_ten_and_workers_launched() {
     world.add_tasks(25).await;
     let pass = world.dispatcher().pass(Utc::now(), "d1").await.unwrap();
     assert_eq!(pass.queued, 25);
-    assert_eq!(world.queued_task_ids().len(), 25);
+    assert_eq!(world.sent_task_ids().len(), 25);
     assert!(
         world.queue.send_calls() <= 25_usize.div_ceil(10) + 4,
         "batched sends"
@@ -99,22 +143,111 @@ async fn pending_tasks_are_queued_in_batches_of_ten_and_workers_launched() {
     );
 }
 
+/// Several passes started at the same instant: the fakes yield at every
+/// call, so they interleave; the lease lets one of them work.
+async fn race(world: &World, passes: usize) -> Vec<Pass> {
+    let dispatchers: Vec<Dispatcher<'_>> = (0..passes).map(|_| world.dispatcher()).collect();
+    let owners: Vec<String> = (0..passes).map(|i| format!("d{i}")).collect();
+    let now = Utc::now();
+    futures::future::join_all(dispatchers.iter().zip(&owners).map(|(d, o)| d.pass(now, o)))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
 #[tokio::test]
-async fn two_passes_at_once_queue_each_task_once_and_launch_one_fleet() {
+async fn passes_at_once_queue_each_task_once_and_launch_one_fleet() {
     let world = World::new(1000);
     world.add_tasks(40).await;
-    let (first, second) = (world.dispatcher(), world.dispatcher());
-    let (one, two) = tokio::join!(first.pass(Utc::now(), "d1"), second.pass(Utc::now(), "d2"));
-    let (one, two) = (one.unwrap(), two.unwrap());
-    assert_eq!(one.queued + two.queued, 40);
-    let ids = world.queued_task_ids();
-    let mut distinct = ids.clone();
-    distinct.dedup();
-    assert_eq!(ids, distinct, "no task is sent twice");
+    let passes = race(&world, 3).await;
+    assert_eq!(passes.iter().map(|p| p.queued).sum::<usize>(), 40);
+    assert_eq!(
+        passes.iter().filter(|p| p.skipped.is_none()).count(),
+        1,
+        "{passes:?}"
+    );
+    assert!(distinct(world.sent_task_ids()), "no task is sent twice");
     assert_eq!(world.fleet.launches(), 1);
     // A later pass finds the fleet big enough and launches nothing more.
     let again = world.dispatcher().pass(Utc::now(), "d3").await.unwrap();
     assert_eq!((again.queued, again.launched), (0, 0));
+}
+
+/// A store whose lease is always granted: what the race test above would
+/// see if the lease were not exclusive.
+struct NoLease(Arc<MemoryStore>);
+
+#[async_trait]
+impl RunReader for NoLease {
+    async fn run(&self, run_id: &str) -> Result<Option<Run>, nightshift_core::Error> {
+        self.0.run(run_id).await
+    }
+}
+
+#[async_trait]
+impl RunStore for NoLease {
+    async fn current_run(&self) -> Result<Option<Run>, nightshift_core::Error> {
+        self.0.current_run().await
+    }
+    async fn open_run(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(Run, bool), nightshift_core::Error> {
+        self.0.open_run(id, now).await
+    }
+    async fn acquire_lease(
+        &self,
+        _: &str,
+        _: &str,
+        _: DateTime<Utc>,
+        _: Duration,
+    ) -> Result<bool, nightshift_core::Error> {
+        tokio::task::yield_now().await;
+        Ok(true)
+    }
+    async fn release_lease(&self, _: &str, _: &str, _: bool) -> Result<(), nightshift_core::Error> {
+        Ok(())
+    }
+    async fn record_fleet(
+        &self,
+        run_id: &str,
+        n: u32,
+        launched: &[nightshift_core::Launched],
+    ) -> Result<bool, nightshift_core::Error> {
+        self.0.record_fleet(run_id, n, launched).await
+    }
+    async fn close_run(
+        &self,
+        run_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, nightshift_core::Error> {
+        self.0.close_run(run_id, now).await
+    }
+}
+
+#[tokio::test]
+async fn without_an_exclusive_lease_the_race_test_would_fail() {
+    // The race above can fail: with a lease that is always granted, the
+    // same passes send tasks twice and launch more than one fleet.
+    let world = World::new(1000);
+    world.add_tasks(40).await;
+    let no_lease = NoLease(world.store.clone());
+    let dispatchers: Vec<Dispatcher<'_>> = (0..3)
+        .map(|_| Dispatcher {
+            runs: &no_lease,
+            ..world.dispatcher()
+        })
+        .collect();
+    let now = Utc::now();
+    let owners = ["a", "b", "c"];
+    for pass in
+        futures::future::join_all(dispatchers.iter().zip(owners).map(|(d, o)| d.pass(now, o))).await
+    {
+        pass.unwrap();
+    }
+    assert!(!distinct(world.sent_task_ids()) || world.fleet.launches() > 1);
 }
 
 #[tokio::test]
@@ -147,25 +280,105 @@ async fn a_held_lease_makes_a_pass_skip() {
 async fn the_backlog_is_capped_and_the_rest_waits_for_room() {
     let world = World::new(10);
     world.add_tasks(25).await;
-    assert_eq!(
-        world
-            .dispatcher()
-            .pass(Utc::now(), "d")
-            .await
-            .unwrap()
-            .queued,
-        10
+    let first = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!((first.queued, first.waiting), (10, true));
+    let run_id = first.run_id.unwrap();
+    assert!(
+        world.store.run(&run_id).await.unwrap().unwrap().waiting,
+        "workers are told to wait"
     );
-    assert_eq!(
-        world
-            .dispatcher()
-            .pass(Utc::now(), "d")
-            .await
-            .unwrap()
-            .queued,
-        0,
-        "no room yet"
-    );
+    let second = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!((second.queued, second.closed), (0, false), "no room yet");
+    world.finish_all(&run_id).await;
+    let third = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!((third.queued, third.waiting), (10, true));
+}
+
+#[tokio::test]
+async fn a_backlog_of_large_payloads_is_queued_in_one_pass() {
+    // 40 payloads of 130 KB in one shard: a 1 MB page of the index holds 7.
+    let world = World::with_shards(1000, 1);
+    world
+        .add(40, json!({"seconds": 0, "data": "x".repeat(130_000)}))
+        .await;
+    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!(pass.queued, 40, "{pass:?}");
+    // And no SQS batch was over 1 MiB (the queue refuses those).
+    assert!(distinct(world.sent_task_ids()));
+}
+
+#[tokio::test]
+async fn batches_are_split_by_bytes() {
+    // Ten tasks of 105 KB are over SQS's 1 MiB for one batch.
+    let world = World::new(1000);
+    world.add(12, json!({"data": "y".repeat(105 * 1024)})).await;
+    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!(pass.queued, 12);
+}
+
+/// Counts the index pages each pass reads, to show a failed marking does
+/// not make the pass read and send its tasks again.
+#[tokio::test]
+async fn a_task_is_never_sent_twice_in_one_pass() {
+    let world = World::with_shards(1000, 1);
+    world.add_tasks(5).await;
+    // Marking fails (a conflict that outlasted its retries): the pass stops
+    // with the error; the tasks it sent were sent once.
+    world.store.inject_fault("mark_queued", 1);
+    assert!(world.dispatcher().pass(Utc::now(), "d").await.is_err());
+    assert_eq!(world.sent_task_ids().len(), 5);
+    assert!(distinct(world.sent_task_ids()));
+    // The next pass sends them again (at least once), and queues them.
+    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!(pass.queued, 5);
+}
+
+/// A store whose index lists tasks that are no longer pending, one per
+/// page, as a stale index may.
+struct StaleIndex(Arc<MemoryStore>);
+
+#[async_trait]
+impl PendingTasks for StaleIndex {
+    async fn pending(
+        &self,
+        shard: u32,
+        limit: usize,
+        after: Option<&Cursor>,
+    ) -> Result<Page<nightshift_core::PendingTask>, nightshift_core::Error> {
+        // The first page holds only stale entries, but the shard goes on.
+        if after.is_none() {
+            return Ok(Page {
+                items: Vec::new(),
+                next: Some(Cursor("stale".into())),
+            });
+        }
+        self.0.pending(shard, limit, None).await
+    }
+    async fn mark_queued(
+        &self,
+        run_id: &str,
+        ids: &[String],
+    ) -> Result<Vec<String>, nightshift_core::Error> {
+        self.0.mark_queued(run_id, ids).await
+    }
+}
+
+#[tokio::test]
+async fn a_run_does_not_close_while_an_index_page_of_stale_entries_hides_pending_work() {
+    let world = World::with_shards(1000, 1);
+    world.add_tasks(1).await;
+    let stale = StaleIndex(world.store.clone());
+    let dispatcher = Dispatcher {
+        pending: &stale,
+        ..world.dispatcher()
+    };
+    let (run, _) = world.store.open_run("r1", Utc::now()).await.unwrap();
+    // Nothing queued yet, but a task is pending behind a page of stale entries.
+    let pass = dispatcher.pass(Utc::now(), "d").await.unwrap();
+    assert_eq!(pass.queued, 1, "the task behind the stale page is found");
+    assert!(!pass.closed);
+    world.finish_all(&run.id).await;
+    assert!(dispatcher.pass(Utc::now(), "d").await.unwrap().closed);
 }
 
 #[tokio::test]
@@ -187,32 +400,74 @@ async fn lost_workers_are_replaced_while_work_remains() {
 }
 
 #[tokio::test]
+async fn a_launch_not_yet_shown_by_ec2_is_not_launched_again() {
+    let world = World::new(1000);
+    world.add_tasks(6).await;
+    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    // DescribeInstances lags: it shows none of the three just launched.
+    for id in world.fleet.active() {
+        world.fleet.hide(&id);
+    }
+    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!(pass.launched, 0, "the recorded launches count");
+    // Long after, an instance EC2 never showed no longer counts.
+    let later = Utc::now() + chrono::Duration::minutes(10);
+    assert_eq!(
+        world.dispatcher().pass(later, "d").await.unwrap().launched,
+        3
+    );
+}
+
+#[tokio::test]
+async fn each_fleet_request_has_its_own_token_with_its_count() {
+    let world = World::new(1000);
+    world.add_tasks(6).await;
+    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    world.fleet.lose(&world.fleet.active()[0]);
+    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    // Two requests (3 instances, then 1), two tokens: neither replays the other.
+    assert_eq!(world.fleet.launches(), 2);
+}
+
+#[tokio::test]
+async fn workers_of_no_open_run_and_past_their_lifetime_are_terminated() {
+    let world = World::new(1000);
+    let long_ago = Utc::now() - chrono::Duration::hours(3);
+    world
+        .fleet
+        .add_running("i-old-run", "finished-run", long_ago);
+    world
+        .fleet
+        .add_running("i-fresh", "finished-run", Utc::now());
+    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!(pass.terminated, 1);
+    assert_eq!(world.fleet.terminated(), vec!["i-old-run".to_owned()]);
+    // A worker of the open run is kept until it outlives its lifetime.
+    world.add_tasks(2).await;
+    let run_id = world
+        .dispatcher()
+        .pass(Utc::now(), "d")
+        .await
+        .unwrap()
+        .run_id
+        .unwrap();
+    world.fleet.add_running("i-ancient", &run_id, long_ago);
+    world.fleet.add_running("i-young", &run_id, Utc::now());
+    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let terminated = world.fleet.terminated();
+    assert!(
+        terminated.contains(&"i-ancient".to_owned()) && !terminated.contains(&"i-young".to_owned())
+    );
+}
+
+#[tokio::test]
 async fn a_run_closes_when_every_task_ended_and_nothing_is_pending() {
-    use nightshift_core::ports::ResultRecorder;
-    use nightshift_core::{TaskOutcome, TaskResult};
     let world = World::new(1000);
     world.add_tasks(2).await;
     let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
     let run_id = pass.run_id.unwrap();
     assert!(!pass.closed);
-    let results: Vec<TaskResult> = world
-        .store
-        .all_tasks()
-        .iter()
-        .map(|t| TaskResult {
-            task_id: t.id.clone(),
-            run_id: run_id.clone(),
-            instance_id: "i-1".into(),
-            attempts: 1,
-            started_at: Utc::now(),
-            finished_at: Utc::now(),
-            outcome: TaskOutcome::Done {
-                result: Blob::Inline(json!(1)),
-                summary: "ok".into(),
-            },
-        })
-        .collect();
-    world.store.record_results(&results).await.unwrap();
+    world.finish_all(&run_id).await;
     let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
     assert!(pass.closed);
     assert!(world.store.current_run().await.unwrap().is_none());
