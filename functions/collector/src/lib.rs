@@ -1,16 +1,20 @@
 //! The collector: records what workers report, once, whatever SQS delivers.
 //!
-//! It is fed by the result queue (results, failed and interrupted attempts)
-//! and by the task dead-letter queue (tasks whose deliveries ran out). It
-//! answers with the ids of the messages to retry (`ReportBatchItemFailures`),
-//! so one bad message never sends a whole batch back.
+//! It is fed by the result queue (results, failed and interrupted attempts),
+//! by the task dead-letter queue (tasks whose deliveries ran out) and by the
+//! result dead-letter queue (messages it could not settle in time), the same
+//! way. It answers with the ids of the messages to retry
+//! (`ReportBatchItemFailures`), so one bad message never sends a whole batch
+//! back: only a transient failure is retried. A permanent one (a result the
+//! table can never hold) fails its task with the reason, so the run still
+//! ends.
 
 use std::panic::AssertUnwindSafe;
 
 use chrono::Utc;
 use futures::FutureExt;
-use nightshift_core::Envelope;
 use nightshift_core::ports::{AttemptKind, RecordOutcome, ResultRecorder};
+use nightshift_core::{Envelope, Error, TaskResult};
 use tracing::Instrument;
 
 /// One message as the event source hands it over.
@@ -34,43 +38,93 @@ pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Ve
                 }
             }
             Err(error) => {
-                // Retried until the result queue's redrive moves it aside.
-                tracing::error!(message_id = %message.message_id, %error, "unreadable message");
-                retry.push(message.message_id.clone());
+                // It can never be read: retrying only delays its alarm.
+                tracing::error!(message_id = %message.message_id, %error, "unreadable message dropped");
             }
         }
     }
-    if !results.is_empty() {
-        let batch: Vec<_> = results.iter().map(|(_, r)| r.clone()).collect();
-        let outcomes = AssertUnwindSafe(recorder.record_results(&batch))
-            .catch_unwind()
-            .await;
-        match outcomes {
-            Ok(Ok(outcomes)) => {
-                for ((message_id, result), outcome) in results.iter().zip(outcomes) {
-                    tracing::info!(%message_id, task_id = %result.task_id, run_id = %result.run_id,
-                        instance_id = %result.instance_id, ?outcome, "result");
-                    if !settled(outcome) {
-                        retry.push(message_id.clone());
-                    }
+    if results.is_empty() {
+        return retry;
+    }
+    let batch: Vec<TaskResult> = results.iter().map(|(_, r)| r.clone()).collect();
+    match guarded(recorder.record_results(&batch)).await {
+        Ok(outcomes) => {
+            for ((message_id, result), outcome) in results.iter().zip(outcomes) {
+                log_result(message_id, result, &outcome);
+                if !settled(&outcome) {
+                    retry.push(message_id.clone());
                 }
             }
-            Ok(Err(error)) => {
-                tracing::error!(%error, results = results.len(), "could not record results");
-                retry.extend(results.iter().map(|(id, _)| id.clone()));
-            }
-            Err(_) => {
-                tracing::error!(results = results.len(), "recording results panicked");
-                retry.extend(results.iter().map(|(id, _)| id.clone()));
+        }
+        Err(error) if error.is_retryable() => {
+            tracing::warn!(error = %error.chain(), results = results.len(), "could not record results; retried");
+            retry.extend(results.iter().map(|(id, _)| id.clone()));
+        }
+        Err(error) => {
+            // Something in the batch is refused for good: each result alone,
+            // so that only its own task pays for it.
+            tracing::error!(error = %error.chain(), "a batch of results was refused; recording them one by one");
+            for (message_id, result) in &results {
+                if !record_alone(recorder, message_id, result).await {
+                    retry.push(message_id.clone());
+                }
             }
         }
     }
     retry
 }
 
+/// A result on its own; if even that is refused for good, its task fails
+/// with the reason. `false` if it must be delivered again.
+async fn record_alone(
+    recorder: &dyn ResultRecorder,
+    message_id: &str,
+    result: &TaskResult,
+) -> bool {
+    let error = match guarded(recorder.record_results(std::slice::from_ref(result))).await {
+        Ok(outcomes) => {
+            let outcome = outcomes
+                .into_iter()
+                .next()
+                .unwrap_or(RecordOutcome::Unknown);
+            log_result(message_id, result, &outcome);
+            return settled(&outcome);
+        }
+        Err(error) if error.is_retryable() => return false,
+        Err(error) => error,
+    };
+    let reason = format!("the result could not be recorded: {}", error.chain());
+    match guarded(recorder.fail_task(&result.task_id, &result.run_id, Utc::now(), Some(&reason)))
+        .await
+    {
+        Ok(outcome) => {
+            tracing::error!(%message_id, task_id = %result.task_id, %reason, ?outcome, "task failed: its result was refused");
+            settled(&outcome)
+        }
+        Err(error) => {
+            tracing::error!(%message_id, task_id = %result.task_id, error = %error.chain(), "could not fail the task either");
+            !error.is_retryable()
+        }
+    }
+}
+
+fn log_result(message_id: &str, result: &TaskResult, outcome: &RecordOutcome) {
+    tracing::info!(%message_id, task_id = %result.task_id, run_id = %result.run_id,
+        instance_id = %result.instance_id, ?outcome, "result");
+}
+
+/// Runs a recording call, turning a panic into a transient error: the
+/// message is retried, and the other messages of the batch are not lost.
+async fn guarded<T>(call: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => Err(Error::transient("record", "the recording call panicked")),
+    }
+}
+
 /// Records one non-result message; `false` if it must be delivered again.
 async fn record_one(recorder: &dyn ResultRecorder, envelope: Envelope) -> bool {
-    let recorded = AssertUnwindSafe(async {
+    let recorded = guarded(async {
         match &envelope {
             Envelope::AttemptFailed(event) => {
                 recorder.record_attempt(event, AttemptKind::Failed).await
@@ -82,34 +136,36 @@ async fn record_one(recorder: &dyn ResultRecorder, envelope: Envelope) -> bool {
             }
             Envelope::Task(task) => {
                 recorder
-                    .record_dead_letter(&task.task_id, &task.run_id, Utc::now())
+                    .fail_task(&task.task_id, &task.run_id, Utc::now(), None)
                     .await
             }
             Envelope::Result(_) => Ok(RecordOutcome::Unknown),
         }
     })
-    .catch_unwind()
     .await;
     match recorded {
-        Ok(Ok(outcome)) => {
+        Ok(outcome) => {
             tracing::info!(?outcome, "recorded");
-            settled(outcome)
+            settled(&outcome)
         }
-        Ok(Err(error)) => {
-            tracing::error!(%error, "could not record");
+        Err(error) if error.is_retryable() => {
+            tracing::warn!(error = %error.chain(), "could not record; retried");
             false
         }
-        Err(_) => {
-            tracing::error!("recording panicked");
-            false
+        Err(error) => {
+            tracing::error!(error = %error.chain(), "refused for good; dropped");
+            true
         }
     }
 }
 
 /// Whether a message needs no further delivery.
-fn settled(outcome: RecordOutcome) -> bool {
+fn settled(outcome: &RecordOutcome) -> bool {
     match outcome {
-        RecordOutcome::Recorded | RecordOutcome::Duplicate | RecordOutcome::Unknown => true,
+        RecordOutcome::Recorded
+        | RecordOutcome::FailedInstead(_)
+        | RecordOutcome::Duplicate
+        | RecordOutcome::Unknown => true,
         RecordOutcome::NotYetQueued => false,
     }
 }

@@ -1,6 +1,8 @@
-use chrono::Utc;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use nightshift_core::fakes::MemoryStore;
-use nightshift_core::ports::{PendingTasks, RunStore, TaskReader, TaskWriter};
+use nightshift_core::limits::RESULT_TOO_LARGE;
+use nightshift_core::ports::{PendingTasks, RunReader, RunStore, TaskReader, TaskWriter};
 use nightshift_core::{
     AttemptEvent, Blob, NewTask, TaskMessage, TaskOutcome, TaskResult, TaskStatus,
 };
@@ -8,20 +10,29 @@ use serde_json::json;
 
 use super::*;
 
+fn new_task(id: &str, payload: serde_json::Value) -> NewTask {
+    NewTask {
+        id: id.into(),
+        account: format!("acct-{id}"),
+        kernel: "sleep".into(),
+        payload: Blob::Inline(payload),
+        created_at: Utc::now(),
+        idempotency: None,
+    }
+}
+
+async fn add(store: &MemoryStore, tasks: &[NewTask]) {
+    store.stage("req", tasks).await.unwrap();
+    store.commit("req", tasks).await.unwrap();
+}
+
 async fn store_with_queued(tasks: &[&str]) -> MemoryStore {
     let store = MemoryStore::default();
     let new: Vec<NewTask> = tasks
         .iter()
-        .map(|id| NewTask {
-            id: (*id).into(),
-            account: format!("acct-{id}"),
-            kernel: "sleep".into(),
-            payload: Blob::Inline(json!({"seconds": 0})),
-            created_at: Utc::now(),
-            idempotency: None,
-        })
+        .map(|id| new_task(id, json!({"seconds": 0})))
         .collect();
-    store.insert_tasks(&new).await.unwrap();
+    add(&store, &new).await;
     store.open_run("r1", Utc::now()).await.unwrap();
     let ids: Vec<String> = tasks.iter().map(|t| (*t).to_owned()).collect();
     store.mark_queued("r1", &ids).await.unwrap();
@@ -88,17 +99,7 @@ async fn the_sample_event_parses_and_records() {
 #[tokio::test]
 async fn only_failed_messages_are_reported() {
     let store = store_with_queued(&["t1"]).await;
-    store
-        .insert_tasks(&[NewTask {
-            id: "early".into(),
-            account: "a".into(),
-            kernel: "sleep".into(),
-            payload: Blob::Inline(json!(1)),
-            created_at: Utc::now(),
-            idempotency: None,
-        }])
-        .await
-        .unwrap();
+    add(&store, &[new_task("early", json!(1))]).await;
     let batch = [
         message("ok", &result("t1")),
         message("early", &result("early")),
@@ -107,9 +108,9 @@ async fn only_failed_messages_are_reported() {
             body: "{not json".into(),
         },
     ];
-    let mut retry = collect(&store, &batch).await;
-    retry.sort();
-    assert_eq!(retry, vec!["early".to_owned(), "garbage".to_owned()]);
+    // The early result waits for its task to be QUEUED; an unreadable
+    // message never becomes readable and is dropped (with an error logged).
+    assert_eq!(collect(&store, &batch).await, vec!["early".to_owned()]);
 }
 
 #[tokio::test]
@@ -148,4 +149,111 @@ async fn attempts_count_once_and_dead_letters_fail_the_task_with_its_last_error(
     assert_eq!(task.last_error.as_deref(), Some("program exited with 3"));
     let run = store.run("r1").await.unwrap().unwrap();
     assert_eq!((run.done, run.failed), (0, 1));
+}
+
+#[tokio::test]
+async fn a_transient_failure_retries_the_results_and_loses_none() {
+    let store = store_with_queued(&["t1", "t2"]).await;
+    store.inject_fault("record_results", 1);
+    let batch = [message("m1", &result("t1")), message("m2", &result("t2"))];
+    let mut retry = collect(&store, &batch).await;
+    retry.sort();
+    assert_eq!(retry, vec!["m1".to_owned(), "m2".to_owned()]);
+    assert!(
+        collect(&store, &batch).await.is_empty(),
+        "the redelivery records them"
+    );
+    let run = store.run("r1").await.unwrap().unwrap();
+    assert_eq!(run.done, 2);
+}
+
+#[tokio::test]
+async fn a_result_too_large_for_its_item_fails_its_task_and_the_run_can_end() {
+    let store = MemoryStore::default();
+    add(
+        &store,
+        &[
+            new_task("big", json!({"data": "p".repeat(150_000)})),
+            new_task("small", json!(1)),
+        ],
+    )
+    .await;
+    store.open_run("r1", Utc::now()).await.unwrap();
+    store
+        .mark_queued("r1", &["big".to_owned(), "small".to_owned()])
+        .await
+        .unwrap();
+    let Envelope::Result(mut big) = result("big") else {
+        unreachable!()
+    };
+    big.outcome = TaskOutcome::Done {
+        result: Blob::Inline(json!({"data": "r".repeat(300_000)})),
+        summary: "big".into(),
+    };
+    let batch = [
+        message("m1", &Envelope::Result(big)),
+        message("m2", &result("small")),
+    ];
+    assert!(
+        collect(&store, &batch).await.is_empty(),
+        "nothing is retried forever"
+    );
+    let task = store.task("big").await.unwrap().unwrap();
+    assert_eq!(
+        (task.status, task.last_error.as_deref()),
+        (TaskStatus::Failed, Some(RESULT_TOO_LARGE))
+    );
+    let run = store.run("r1").await.unwrap().unwrap();
+    assert_eq!((run.queued, run.done, run.failed), (2, 1, 1));
+}
+
+/// A recorder that refuses, for good, any batch holding task `poison`.
+struct RefusesPoison(MemoryStore);
+
+#[async_trait]
+impl ResultRecorder for RefusesPoison {
+    async fn record_results(&self, results: &[TaskResult]) -> Result<Vec<RecordOutcome>, Error> {
+        if results.iter().any(|r| r.task_id == "poison") {
+            return Err(Error::permanent(
+                "TransactWriteItems",
+                "ValidationException: refused",
+            ));
+        }
+        self.0.record_results(results).await
+    }
+    async fn record_attempt(
+        &self,
+        event: &AttemptEvent,
+        kind: AttemptKind,
+    ) -> Result<RecordOutcome, Error> {
+        self.0.record_attempt(event, kind).await
+    }
+    async fn fail_task(
+        &self,
+        task_id: &str,
+        run_id: &str,
+        at: DateTime<Utc>,
+        reason: Option<&str>,
+    ) -> Result<RecordOutcome, Error> {
+        self.0.fail_task(task_id, run_id, at, reason).await
+    }
+}
+
+#[tokio::test]
+async fn a_result_refused_for_good_fails_only_its_own_task() {
+    let recorder = RefusesPoison(store_with_queued(&["poison", "t1"]).await);
+    let batch = [
+        message("m1", &result("poison")),
+        message("m2", &result("t1")),
+    ];
+    assert!(collect(&recorder, &batch).await.is_empty());
+    let poison = recorder.0.task("poison").await.unwrap().unwrap();
+    assert_eq!(poison.status, TaskStatus::Failed);
+    assert!(poison.last_error.unwrap().contains("could not be recorded"));
+    assert_eq!(
+        recorder.0.task("t1").await.unwrap().unwrap().status,
+        TaskStatus::Done
+    );
+    let run = recorder.0.run("r1").await.unwrap().unwrap();
+    assert_eq!((run.done, run.failed), (1, 1));
 }
