@@ -49,7 +49,7 @@ impl ApiError {
 
     /// A backing service failed: logged here, a generic answer to the caller.
     pub fn from_store(error: nightshift_core::Error) -> Self {
-        tracing::error!(error = %error, source = ?std::error::Error::source(&error), "store call failed");
+        tracing::error!(error = %error.chain(), "store call failed");
         if error.is_retryable() {
             Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use nightshift_core::limits::ClaimCheck;
 use nightshift_core::ports::{BlobStore, RunStore, TaskReader, TaskWriter};
 
 pub use error::ApiError;
@@ -35,8 +36,8 @@ pub struct Api {
     pub blobs: Arc<dyn BlobStore>,
     pub trigger: Arc<dyn DispatchTrigger>,
     pub limits: Limits,
-    /// Payloads whose JSON is longer go to the bucket (the claim check).
-    pub inline_limit: usize,
+    /// Which payloads go to the bucket, and under which key.
+    pub claim_check: ClaimCheck,
 }
 
 /// The request body limit: a full batch of the largest payloads, with room

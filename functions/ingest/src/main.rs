@@ -5,6 +5,7 @@ use std::sync::Arc;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::config;
+use nightshift_core::limits::ClaimCheck;
 use nightshift_ingest::{Api, LambdaTrigger, Limits, router};
 
 #[tokio::main]
@@ -37,7 +38,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         )),
         limits: Limits::with_builtin_kernels(max_payload_bytes)
             .with_programs(&std::env::var("NIGHTSHIFT_PROGRAM_KERNELS").unwrap_or_default()),
-        inline_limit,
+        claim_check: ClaimCheck::new(inline_limit),
     };
     lambda_http::run(router(api)).await
 }

@@ -8,9 +8,12 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::Utc;
+use std::collections::HashSet;
+
+use nightshift_core::limits::ClaimCheck;
 use nightshift_core::model::Idempotency;
 use nightshift_core::ports::InsertOutcome;
-use nightshift_core::{Blob, NewTask, Task};
+use nightshift_core::{Blob, NewTask, Task, TaskStatus};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -30,19 +33,17 @@ pub async fn create(
     })?;
     let requests = parse_tasks(&body, &api.limits)?;
     let now = Utc::now();
-    let mut tasks: Vec<NewTask> = requests.iter().map(|r| new_task(r, now)).collect();
-    reject_conflicting_keys(&api, &tasks).await?;
-
-    let stored_keys = store_large_payloads(&api, &requests, &mut tasks).await?;
-    let written = write_tasks(&api, &tasks).await;
-    let created = match written {
-        Ok(created) => created,
-        Err(error) => {
-            remove_payloads(&api, &stored_keys).await;
-            return Err(error);
-        }
-    };
-    let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+    let tasks: Vec<NewTask> = requests.iter().map(|r| new_task(r, now)).collect();
+    let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+    // Tasks already written by an earlier try of this request are kept as
+    // they are; a key reused for other work refuses the whole request.
+    let retried = earlier_tries(&api, &tasks).await?;
+    let fresh: Vec<(NewTask, &TaskRequest)> = tasks
+        .into_iter()
+        .zip(&requests)
+        .filter(|(task, _)| !retried.contains(&task.id))
+        .collect();
+    let created = write_whole(&api, fresh).await?;
     tracing::info!(tasks = ids.len(), created, "tasks accepted");
     // A request whose every task already existed is a retry: 200, not 201.
     let status = if created == 0 {
@@ -82,116 +83,157 @@ fn digest(request: &TaskRequest) -> String {
     Uuid::new_v5(&TASK_ID_NAMESPACE, text.as_bytes()).to_string()
 }
 
-/// Refuses the whole request before writing anything if a key was already
-/// used for different work.
-async fn reject_conflicting_keys(api: &Api, tasks: &[NewTask]) -> Result<(), ApiError> {
+/// The ids of keyed tasks that exist from an earlier try of the same
+/// request. Refuses the whole request, before writing anything, if a key
+/// was used for different work (409) or is being written by another
+/// request right now (503: retry).
+async fn earlier_tries(api: &Api, tasks: &[NewTask]) -> Result<HashSet<String>, ApiError> {
     let keyed: Vec<String> = tasks
         .iter()
         .filter(|t| t.idempotency.is_some())
         .map(|t| t.id.clone())
         .collect();
     if keyed.is_empty() {
-        return Ok(());
+        return Ok(HashSet::new());
     }
     let existing = api
         .reader
         .tasks(&keyed)
         .await
         .map_err(ApiError::from_store)?;
+    let mut retried = HashSet::new();
     for found in existing {
-        if let Some(i) = tasks.iter().position(|t| t.id == found.id)
-            && !same_request(&tasks[i], found.request_digest.as_deref())
-        {
+        let Some(i) = tasks.iter().position(|t| t.id == found.id) else {
+            continue;
+        };
+        if !same_request(&tasks[i], found.request_digest.as_deref()) {
             return Err(conflict(i, tasks.len()));
         }
+        if found.status == TaskStatus::Staged {
+            return Err(in_progress(i, tasks.len()));
+        }
+        retried.insert(found.id);
     }
-    Ok(())
+    Ok(retried)
 }
 
 fn same_request(task: &NewTask, existing_digest: Option<&str>) -> bool {
     task.idempotency.as_ref().map(|i| i.request_digest.as_str()) == existing_digest
 }
 
-fn conflict(index: usize, batch: usize) -> ApiError {
-    let field = if batch == 1 && index == 0 {
+fn key_field(index: usize, batch: usize) -> String {
+    if batch == 1 && index == 0 {
         "idempotency_key".to_owned()
     } else {
         format!("tasks[{index}].idempotency_key")
-    };
+    }
+}
+
+fn conflict(index: usize, batch: usize) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
         "idempotency_conflict",
         "this idempotency key was already used for a different task",
     )
-    .at(field)
+    .at(key_field(index, batch))
 }
 
-/// Moves payloads over the inline limit to the bucket; returns their keys.
-async fn store_large_payloads(
+fn in_progress(index: usize, batch: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "another request with this idempotency key is being written; retry",
+    )
+    .at(key_field(index, batch))
+}
+
+/// Writes the tasks as one: payloads over the inline limit to the bucket,
+/// the tasks STAGED, then committed. If anything fails or a concurrent
+/// request claims a key first, everything this request wrote is removed
+/// and the error returned. Returns how many tasks were created.
+async fn write_whole(api: &Api, fresh: Vec<(NewTask, &TaskRequest)>) -> Result<usize, ApiError> {
+    if fresh.is_empty() {
+        return Ok(0);
+    }
+    let request_id = Uuid::new_v4().to_string();
+    let mut written = Written::default();
+    let outcome = stage_and_commit(api, &request_id, fresh, &mut written).await;
+    if outcome.is_err() {
+        written.undo(api, &request_id).await;
+    }
+    outcome
+}
+
+/// What a request has written so far, to undo it.
+#[derive(Default)]
+struct Written {
+    payload_keys: Vec<String>,
+    task_ids: Vec<String>,
+}
+
+impl Written {
+    async fn undo(&self, api: &Api, request_id: &str) {
+        if let Err(e) = api.writer.abort(request_id, &self.task_ids).await {
+            tracing::error!(request_id, error = %e.chain(), "could not remove the tasks of a refused request");
+        }
+        if let Err(e) = api.blobs.delete_many(&self.payload_keys).await {
+            tracing::error!(request_id, error = %e.chain(), "could not remove the payloads of a refused request");
+        }
+    }
+}
+
+async fn stage_and_commit(
     api: &Api,
-    requests: &[TaskRequest],
-    tasks: &mut [NewTask],
-) -> Result<Vec<String>, ApiError> {
-    let mut keys: Vec<String> = Vec::new();
-    for (request, task) in requests.iter().zip(tasks.iter_mut()) {
-        if request.payload_bytes <= api.inline_limit {
-            continue;
+    request_id: &str,
+    fresh: Vec<(NewTask, &TaskRequest)>,
+    written: &mut Written,
+) -> Result<usize, ApiError> {
+    let batch = fresh.len();
+    let mut tasks = Vec::with_capacity(batch);
+    for (mut task, request) in fresh {
+        if !api.claim_check.payload_inline(request.payload_bytes) {
+            let key = ClaimCheck::payload_key(&task.id);
+            written.payload_keys.push(key.clone());
+            api.blobs
+                .put(&key, request.payload.to_string().into_bytes())
+                .await
+                .map_err(ApiError::from_store)?;
+            task.payload = Blob::Stored { key };
         }
-        let key = format!("payloads/{}.json", task.id);
-        let bytes = request.payload.to_string().into_bytes();
-        if let Err(e) = api.blobs.put(&key, bytes).await {
-            remove_payloads(api, &keys).await;
-            return Err(ApiError::from_store(e));
-        }
-        task.payload = Blob::Stored { key: key.clone() };
-        keys.push(key);
+        tasks.push(task);
     }
-    Ok(keys)
-}
-
-/// Removes the payloads of tasks that were not written (the bucket's
-/// lifecycle rule removes any this misses).
-async fn remove_payloads(api: &Api, keys: &[String]) {
-    for key in keys {
-        if let Err(e) = api.blobs.delete(key).await {
-            tracing::warn!(key, error = %e, "could not remove the payload of an unwritten task");
-        }
-    }
-}
-
-/// Writes the tasks; returns how many are new. Tasks with a key go first,
-/// in one transaction when none exists yet, so a conflict found only now
-/// (a concurrent request) still leaves nothing of this one written.
-async fn write_tasks(api: &Api, tasks: &[NewTask]) -> Result<usize, ApiError> {
-    type Indexed<'a> = Vec<(usize, &'a NewTask)>;
-    let (keyed, plain): (Indexed, Indexed) = tasks
-        .iter()
-        .enumerate()
-        .partition(|(_, t)| t.idempotency.is_some());
-    let keyed_tasks: Vec<NewTask> = keyed.iter().map(|(_, t)| (*t).clone()).collect();
+    written.task_ids = tasks.iter().map(|t| t.id.clone()).collect();
     let outcomes = api
         .writer
-        .insert_tasks_once(&keyed_tasks)
+        .stage(request_id, &tasks)
         .await
         .map_err(ApiError::from_store)?;
-    let mut created = 0;
-    for ((index, task), outcome) in keyed.iter().zip(outcomes) {
+    let mut inserted = Vec::with_capacity(tasks.len());
+    for (index, (task, outcome)) in tasks.into_iter().zip(outcomes).enumerate() {
         match outcome {
-            InsertOutcome::Inserted => created += 1,
-            InsertOutcome::Exists { request_digest }
-                if !same_request(task, request_digest.as_deref()) =>
+            InsertOutcome::Inserted => inserted.push(task),
+            // Another request wrote this key between the check and now.
+            InsertOutcome::Exists { request_digest, .. }
+                if !same_request(&task, request_digest.as_deref()) =>
             {
-                return Err(conflict(*index, tasks.len()));
+                return Err(conflict(index, batch));
             }
-            InsertOutcome::Exists { .. } => {}
+            InsertOutcome::Exists {
+                staged_by: Some(_), ..
+            } => {
+                return Err(in_progress(index, batch));
+            }
+            InsertOutcome::Exists { .. } => {
+                // The same work, written meanwhile by a retry: not ours to undo.
+                written.task_ids.retain(|id| *id != task.id);
+            }
         }
     }
-    let plain: Vec<NewTask> = plain.into_iter().map(|(_, t)| t.clone()).collect();
     api.writer
-        .insert_tasks(&plain)
+        .commit(request_id, &inserted)
         .await
         .map_err(ApiError::from_store)?;
-    Ok(created + plain.len())
+    Ok(inserted.len())
 }
 
 pub async fn show(

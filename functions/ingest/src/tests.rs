@@ -47,7 +47,7 @@ fn fixture() -> Fixture {
         blobs: blobs.clone(),
         trigger: trigger.clone(),
         limits,
-        inline_limit: 100,
+        claim_check: nightshift_core::limits::ClaimCheck::new(100),
     });
     Fixture {
         store,
@@ -276,4 +276,99 @@ async fn sample_api_gateway_events_reach_the_router() {
         let response = f.router.clone().oneshot(request).await.unwrap();
         assert_eq!(response.status(), expected, "{event:.120}");
     }
+}
+
+/// A batch with a large payload (to the bucket), a keyed task and a plain one.
+fn mixed_batch() -> String {
+    json!({"tasks": [
+        {"account": "big", "payload": {"padding": "x".repeat(500)}},
+        {"account": "k", "payload": 1, "idempotency_key": "key-1"},
+        {"account": "plain", "payload": 2}
+    ]})
+    .to_string()
+}
+
+#[tokio::test]
+async fn a_write_that_fails_halfway_leaves_no_task_and_no_payload_behind() {
+    for failing in ["stage", "commit"] {
+        let f = fixture();
+        f.store.inject_fault(failing, 1);
+        let (status, error) = call(&f.router, "POST", "/tasks", &mixed_batch()).await;
+        assert_eq!(
+            status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{failing}: {error}"
+        );
+        assert!(f.store.all_tasks().is_empty(), "{failing}: no task is left");
+        assert!(f.blobs.keys().is_empty(), "{failing}: no payload is left");
+        // The retry writes the whole request.
+        let (status, _) = call(&f.router, "POST", "/tasks", &mixed_batch()).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(f.store.all_tasks().len(), 3);
+        assert_eq!(f.blobs.keys().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn a_payload_that_cannot_be_stored_writes_nothing() {
+    let f = fixture();
+    f.blobs.inject_fault("put", 1);
+    let (status, _) = call(&f.router, "POST", "/tasks", &mixed_batch()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(f.store.all_tasks().is_empty() && f.blobs.keys().is_empty());
+}
+
+/// A reader that does not see tasks written a moment ago: the conflict is
+/// found only when the request writes.
+struct StaleReader(Arc<MemoryStore>);
+
+#[async_trait]
+impl nightshift_core::ports::TaskReader for StaleReader {
+    async fn task(
+        &self,
+        id: &str,
+    ) -> Result<Option<nightshift_core::Task>, nightshift_core::Error> {
+        self.0.task(id).await
+    }
+    async fn tasks(
+        &self,
+        _: &[String],
+    ) -> Result<Vec<nightshift_core::Task>, nightshift_core::Error> {
+        Ok(Vec::new())
+    }
+    async fn run_tasks(
+        &self,
+        run: &str,
+    ) -> Result<Vec<nightshift_core::Task>, nightshift_core::Error> {
+        self.0.run_tasks(run).await
+    }
+}
+
+#[tokio::test]
+async fn a_key_claimed_by_a_concurrent_request_refuses_all_of_this_one() {
+    let f = fixture();
+    // The other request wins the key with different work.
+    let other = json!({"account": "k", "payload": "other work", "idempotency_key": "key-1"});
+    let (status, _) = call(&f.router, "POST", "/tasks", &other.to_string()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut limits = Limits::with_builtin_kernels(4096);
+    limits.max_batch = 5;
+    let racing = router(Api {
+        writer: f.store.clone(),
+        reader: Arc::new(StaleReader(f.store.clone())),
+        runs: f.store.clone(),
+        blobs: f.blobs.clone(),
+        trigger: f.trigger.clone(),
+        limits,
+        claim_check: nightshift_core::limits::ClaimCheck::new(100),
+    });
+    let (status, error) = call(&racing, "POST", "/tasks", &mixed_batch()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{error}");
+    assert_eq!(error["error"]["field"], "tasks[1].idempotency_key");
+    assert_eq!(
+        f.store.all_tasks().len(),
+        1,
+        "only the other request's task is there"
+    );
+    assert!(f.blobs.keys().is_empty(), "this request's payload is gone");
 }

@@ -39,7 +39,7 @@ impl DispatchTrigger for LambdaTrigger {
             .payload(Blob::new(event.to_string()))
             .send()
             .await
-            .map_err(|e| nightshift_core::Error::service("Invoke", e))?;
+            .map_err(|e| nightshift_core::Error::transient("Invoke", e))?;
         Ok(())
     }
 }
