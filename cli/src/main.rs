@@ -178,6 +178,9 @@ enum LocalCommand {
         stack: StackArgs,
         #[arg(long)]
         emulator_port: Option<u16>,
+        /// Create the resources only: no API, functions or workers.
+        #[arg(long)]
+        resources_only: bool,
     },
 }
 
@@ -240,6 +243,7 @@ impl StackArgs {
     fn serve_options(
         &self,
         emulator_port: Option<u16>,
+        resources_only: bool,
     ) -> Result<local::serve::ServeOptions, CliError> {
         let parameters = self
             .params
@@ -271,6 +275,7 @@ impl StackArgs {
             parameters,
             dispatch_every: Duration::from_secs_f64(self.dispatch_every),
             worker_bin,
+            resources_only,
         })
     }
 }
@@ -355,7 +360,7 @@ async fn execute_local(command: LocalCommand) -> Result<(), CliError> {
             aws_endpoint,
             timeout,
         } => {
-            stack.serve_options(None)?;
+            stack.serve_options(None, false)?;
             let options = local::UpOptions {
                 state_dir: stack.state_dir.clone(),
                 aws_endpoint,
@@ -390,6 +395,7 @@ async fn execute_local(command: LocalCommand) -> Result<(), CliError> {
         LocalCommand::Serve {
             stack,
             emulator_port,
-        } => local::serve::serve(stack.serve_options(emulator_port)?).await,
+            resources_only,
+        } => local::serve::serve(stack.serve_options(emulator_port, resources_only)?).await,
     }
 }

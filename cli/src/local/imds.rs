@@ -16,6 +16,8 @@ const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 #[derive(Clone)]
 struct Instance {
     id: String,
+    /// Its `nightshift:run-id` tag (the launch template makes tags readable).
+    run_id: Option<String>,
     interrupted: Arc<AtomicBool>,
 }
 
@@ -27,10 +29,11 @@ pub struct MetadataEndpoint {
 }
 
 impl MetadataEndpoint {
-    pub async fn start(instance_id: &str) -> std::io::Result<Self> {
+    pub async fn start(instance_id: &str, run_id: Option<&str>) -> std::io::Result<Self> {
         let interrupted = Arc::new(AtomicBool::new(false));
         let instance = Instance {
             id: instance_id.to_owned(),
+            run_id: run_id.map(str::to_owned),
             interrupted: interrupted.clone(),
         };
         let router = Router::new()
@@ -40,6 +43,15 @@ impl MetadataEndpoint {
                 get(|State(i): State<Instance>| async move { i.id }),
             )
             .route("/latest/meta-data/spot/instance-action", get(spot_action))
+            .route(
+                "/latest/meta-data/tags/instance/nightshift:run-id",
+                get(|State(i): State<Instance>| async move {
+                    match i.run_id {
+                        Some(run_id) => (StatusCode::OK, run_id),
+                        None => (StatusCode::NOT_FOUND, String::new()),
+                    }
+                }),
+            )
             .with_state(instance);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);

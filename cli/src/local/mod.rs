@@ -7,6 +7,7 @@ mod imds;
 pub mod serve;
 mod stack;
 pub mod template;
+mod unit;
 mod workers;
 
 use std::collections::BTreeMap;

@@ -15,6 +15,7 @@ use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::ec2::SpotFleet;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
+use nightshift_core::limits::ClaimCheck;
 use nightshift_dispatcher::{Dispatcher, Settings as DispatchSettings};
 use nightshift_ingest::{Api, DispatchTrigger, Limits};
 use tokio::process::Command;
@@ -22,18 +23,20 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use super::template::Template;
+use super::unit::Unit;
 use super::workers::{Registry, Supervisor};
 use super::{ENV_FILE, stack};
 use crate::CliError;
 
 /// Parameters the local stack sets unless told otherwise: short timeouts,
 /// so that a night fits in a minute.
-const LOCAL_PARAMETERS: [(&str, &str); 5] = [
+const LOCAL_PARAMETERS: [(&str, &str); 6] = [
     ("TaskVisibilityTimeout", "20"),
     ("WorkerIdleSeconds", "4"),
     ("MaxInstances", "5"),
     ("SlotsPerInstance", "2"),
     ("MaxQueuedPerRun", "500"),
+    ("StrayGraceSeconds", "60"),
 ];
 
 #[derive(Debug, Clone)]
@@ -48,6 +51,8 @@ pub struct ServeOptions {
     pub parameters: BTreeMap<String, String>,
     pub dispatch_every: Duration,
     pub worker_bin: PathBuf,
+    /// Create the resources and nothing else (no API, functions or workers).
+    pub resources_only: bool,
 }
 
 /// Wakes the local dispatcher loop, as the Lambda invoke does on AWS.
@@ -93,6 +98,12 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         &parameters,
     )
     .await?;
+    if options.resources_only {
+        // Only the resources, for tests that drive the adapters themselves.
+        stack::write_env_file(env_file, &stack_env(&outputs, &options.stack_name)?)?;
+        tracing::info!(env = %env_file.display(), "local stack resources ready");
+        return wait_for_signal().await;
+    }
     let output = |name: &str| {
         outputs
             .get(name)
@@ -130,7 +141,9 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
             usize::try_from(number("MaxPayloadBytes")?).unwrap_or(usize::MAX),
         )
         .with_programs(parameters.get("ProgramKernels").map_or("", String::as_str)),
-        inline_limit: usize::try_from(number("InlineLimitBytes")?).unwrap_or(usize::MAX),
+        claim_check: ClaimCheck::new(
+            usize::try_from(number("InlineLimitBytes")?).unwrap_or(usize::MAX),
+        ),
     };
     let api_listener = bind(options.api_port).await?;
     let api_url = format!(
@@ -152,6 +165,8 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         max_queued: number("MaxQueuedPerRun")?,
         pending_shards: shards,
         lease_ttl: Duration::from_secs(120),
+        max_lifetime: Duration::from_secs(number("WorkerMaxLifetimeSeconds")?),
+        stray_grace: Duration::from_secs(number("StrayGraceSeconds")?),
     };
     let instance_types: Vec<String> = parameters
         .get("InstanceTypes")
@@ -211,17 +226,32 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
             "NIGHTSHIFT_SLOTS".to_owned(),
             number("SlotsPerInstance")?.to_string(),
         ),
+        ("NIGHTSHIFT_TABLE".to_owned(), output("TableName")?),
+        (
+            "NIGHTSHIFT_MAX_LIFETIME_SECONDS".to_owned(),
+            number("WorkerMaxLifetimeSeconds")?.to_string(),
+        ),
         // Short polls and metadata checks keep an emulated night brisk.
         ("NIGHTSHIFT_WAIT_SECONDS".to_owned(), "2".to_owned()),
         ("NIGHTSHIFT_SPOT_POLL_MS".to_owned(), "500".to_owned()),
     ]);
     let registry = Arc::new(Registry::default());
+    let unit_path = options
+        .template
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("worker-ami/nightshift-worker.service");
+    let unit_text = std::fs::read_to_string(&unit_path).map_err(|e| CliError::io(&unit_path, e))?;
     let supervisor = Supervisor {
         ec2: nightshift_core::aws::ec2::Client::new(&aws),
         worker_bin: options.worker_bin.clone(),
         env: worker_env,
         dir: options.state_dir.join("workers"),
         registry: registry.clone(),
+        unit: Unit::parse(&unit_text),
+        shutdown_behavior: template
+            .launch_template_data("WorkerLaunchTemplate", "InstanceInitiatedShutdownBehavior")
+            .unwrap_or_else(|| "stop".to_owned()),
     };
     tasks.spawn(supervisor.run(stop.clone()));
 
@@ -239,6 +269,26 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         stop.clone(),
     ));
 
+    let mut env = stack_env(&outputs, &options.stack_name)?;
+    env.extend([
+        ("NIGHTSHIFT_API_URL".to_owned(), api_url.clone()),
+        ("NIGHTSHIFT_CONTROL_URL".to_owned(), control_url),
+    ]);
+    stack::write_env_file(env_file, &env)?;
+    tracing::info!(api = %api_url, env = %env_file.display(), "local stack ready");
+
+    wait_for_signal().await?;
+    tracing::info!("stopping the local stack");
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// What points any AWS client at the stack's resources.
+fn stack_env(
+    outputs: &BTreeMap<String, String>,
+    stack_name: &str,
+) -> Result<BTreeMap<String, String>, CliError> {
     let mut env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| {
             [
@@ -254,41 +304,23 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         // Older clients (boto3) read the region from this name.
         env.insert("AWS_DEFAULT_REGION".to_owned(), region);
     }
-    env.extend([
-        ("NIGHTSHIFT_API_URL".to_owned(), api_url.clone()),
-        ("NIGHTSHIFT_CONTROL_URL".to_owned(), control_url),
-        ("NIGHTSHIFT_STACK".to_owned(), options.stack_name.clone()),
-        ("NIGHTSHIFT_TABLE".to_owned(), output("TableName")?),
-        (
-            "NIGHTSHIFT_TASK_QUEUE_URL".to_owned(),
-            output("TaskQueueUrl")?,
-        ),
-        (
-            "NIGHTSHIFT_RESULT_QUEUE_URL".to_owned(),
-            output("ResultQueueUrl")?,
-        ),
-        (
-            "NIGHTSHIFT_TASK_DLQ_URL".to_owned(),
-            output("TaskDeadLetterQueueUrl")?,
-        ),
-        (
-            "NIGHTSHIFT_RESULT_DLQ_URL".to_owned(),
-            output("ResultDeadLetterQueueUrl")?,
-        ),
-        ("NIGHTSHIFT_BUCKET".to_owned(), output("PayloadBucketName")?),
-        (
-            "NIGHTSHIFT_LAUNCH_TEMPLATE_ID".to_owned(),
-            output("LaunchTemplateId")?,
-        ),
-    ]);
-    stack::write_env_file(env_file, &env)?;
-    tracing::info!(api = %api_url, env = %env_file.display(), "local stack ready");
-
-    wait_for_signal().await?;
-    tracing::info!("stopping the local stack");
-    let _ = stop_tx.send(true);
-    while tasks.join_next().await.is_some() {}
-    Ok(())
+    env.insert("NIGHTSHIFT_STACK".to_owned(), stack_name.to_owned());
+    for (name, output) in [
+        ("NIGHTSHIFT_TABLE", "TableName"),
+        ("NIGHTSHIFT_TASK_QUEUE_URL", "TaskQueueUrl"),
+        ("NIGHTSHIFT_RESULT_QUEUE_URL", "ResultQueueUrl"),
+        ("NIGHTSHIFT_TASK_DLQ_URL", "TaskDeadLetterQueueUrl"),
+        ("NIGHTSHIFT_RESULT_DLQ_URL", "ResultDeadLetterQueueUrl"),
+        ("NIGHTSHIFT_BUCKET", "PayloadBucketName"),
+        ("NIGHTSHIFT_LAUNCH_TEMPLATE_ID", "LaunchTemplateId"),
+    ] {
+        let value = outputs
+            .get(output)
+            .cloned()
+            .ok_or_else(|| CliError::Local(format!("the stack has no output {output}")))?;
+        env.insert(name.to_owned(), value);
+    }
+    Ok(env)
 }
 
 async fn start_emulator(

@@ -115,6 +115,14 @@ impl Template {
         Ok(document)
     }
 
+    /// A plain setting of a launch template's data (EC2's default applies
+    /// when it is not there).
+    pub fn launch_template_data(&self, resource: &str, name: &str) -> Option<String> {
+        self.document["Resources"][resource]["Properties"]["LaunchTemplateData"][name]
+            .as_str()
+            .map(str::to_owned)
+    }
+
     /// The SQS event sources of a function, as the template declares them.
     pub fn sqs_sources(&self, function: &str) -> Result<Vec<SqsSource>, TemplateError> {
         let function = self
@@ -332,6 +340,24 @@ Outputs:
         }
         let sources = template.sqs_sources("CollectorFunction").unwrap();
         assert!(sources.iter().all(|s| s.report_batch_item_failures));
-        assert_eq!(sources.len(), 2);
+        let queues: Vec<&str> = sources.iter().map(|s| s.queue.as_str()).collect();
+        assert_eq!(queues.len(), 3);
+        for queue in [
+            "ResultQueue",
+            "TaskDeadLetterQueue",
+            "ResultDeadLetterQueue",
+        ] {
+            assert!(
+                queues.contains(&queue),
+                "every dead-letter queue has a consumer: {queue}"
+            );
+        }
+        assert_eq!(
+            template
+                .launch_template_data("WorkerLaunchTemplate", "InstanceInitiatedShutdownBehavior")
+                .as_deref(),
+            Some("terminate"),
+            "a worker's instance that powers off is terminated"
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! Gathers single requests from many tasks into batch calls: up to 10
-//! entries, or whatever arrived within a short window.
+//! entries and 1 MiB of bodies (SQS's limits for one batch), or whatever
+//! arrived within a short window.
 
 use std::time::Duration;
 
+use nightshift_core::limits::{SQS_BATCH_ENTRIES, SQS_MESSAGE_LIMIT};
 use tokio::sync::{mpsc, oneshot};
 
-const MAX_BATCH: usize = 10;
 const WINDOW: Duration = Duration::from_millis(50);
 
 type Reply = oneshot::Sender<bool>;
@@ -18,21 +19,40 @@ pub struct Batcher<T> {
 }
 
 impl<T: Send + 'static> Batcher<T> {
-    /// Starts the loop; `flush` sends one batch and returns, for each entry
-    /// in order, whether it succeeded.
-    pub fn spawn<F, Fut>(flush: F) -> Self
+    /// Starts the loop; `bytes` weighs an entry, `flush` sends one batch and
+    /// returns, for each entry in order, whether it succeeded.
+    pub fn spawn<W, F, Fut>(bytes: W, flush: F) -> Self
     where
+        W: Fn(&T) -> usize + Send + 'static,
         F: Fn(Vec<T>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<bool>> + Send,
     {
         let (sender, mut receiver) = mpsc::channel::<(T, Reply)>(1024);
         tokio::spawn(async move {
-            while let Some(first) = receiver.recv().await {
+            let mut carried: Option<(T, Reply)> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(entry) => entry,
+                    None => match receiver.recv().await {
+                        Some(entry) => entry,
+                        None => return,
+                    },
+                };
+                let mut weight = bytes(&first.0);
                 let mut batch = vec![first];
                 let deadline = tokio::time::Instant::now() + WINDOW;
-                while batch.len() < MAX_BATCH {
+                while batch.len() < SQS_BATCH_ENTRIES {
                     match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                        Ok(Some(entry)) => batch.push(entry),
+                        Ok(Some(entry)) => {
+                            let size = bytes(&entry.0);
+                            if weight + size > SQS_MESSAGE_LIMIT {
+                                // It opens the next batch.
+                                carried = Some(entry);
+                                break;
+                            }
+                            weight += size;
+                            batch.push(entry);
+                        }
                         _ => break,
                     }
                 }
@@ -61,15 +81,24 @@ mod tests {
 
     use super::*;
 
+    fn recording_batcher(sizes: Arc<Mutex<Vec<(usize, usize)>>>) -> Batcher<usize> {
+        Batcher::spawn(
+            |n: &usize| *n,
+            move |entries: Vec<usize>| {
+                sizes
+                    .lock()
+                    .unwrap()
+                    .push((entries.len(), entries.iter().sum()));
+                async move { entries.iter().map(|n| n % 7 != 0).collect() }
+            },
+        )
+    }
+
     #[tokio::test]
     async fn concurrent_submissions_share_batches_of_at_most_ten() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
-        let recorded = sizes.clone();
-        let batcher = Batcher::spawn(move |entries: Vec<u32>| {
-            recorded.lock().unwrap().push(entries.len());
-            async move { entries.iter().map(|n| n % 7 != 0).collect() }
-        });
-        let handles: Vec<_> = (1..=25u32)
+        let batcher = recording_batcher(sizes.clone());
+        let handles: Vec<_> = (1..=25usize)
             .map(|n| {
                 let batcher = batcher.clone();
                 tokio::spawn(async move { (n, batcher.submit(n).await) })
@@ -80,8 +109,27 @@ mod tests {
             assert_eq!(ok, n % 7 != 0, "entry {n}");
         }
         let sizes = sizes.lock().unwrap().clone();
-        assert_eq!(sizes.iter().sum::<usize>(), 25);
-        assert!(sizes.iter().all(|s| *s <= 10));
+        assert_eq!(sizes.iter().map(|s| s.0).sum::<usize>(), 25);
+        assert!(sizes.iter().all(|s| s.0 <= 10));
         assert!(sizes.len() <= 5, "{sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn batches_stay_under_a_mebibyte() {
+        // Six results of 180 KiB finishing together: 1080 KiB in all.
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batcher = recording_batcher(sizes.clone());
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.submit(180 * 1024).await })
+            })
+            .collect();
+        for handle in handles {
+            assert!(handle.await.unwrap());
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().map(|s| s.0).sum::<usize>(), 6);
+        assert!(sizes.iter().all(|s| s.1 <= SQS_MESSAGE_LIMIT), "{sizes:?}");
     }
 }

@@ -2,21 +2,32 @@
 //!
 //! It long-polls the task queue, runs up to `slots` kernels at once, keeps
 //! their messages invisible with heartbeats, sends each result (batched) and
-//! only then deletes the task's message. When it must stop (a spot
-//! interruption notice, or SIGTERM) it takes no new work, asks running
-//! kernels to checkpoint, hands each task back as a continuation message and
-//! exits. When the queue has been empty for `idle` it terminates its own
-//! instance.
+//! only then deletes the task's message. Messages of a run that is no longer
+//! open are dropped on receipt.
+//!
+//! It stops, and says why with its exit (see [`Exit`]): when the queue has
+//! been empty for `idle` and its run has no work waiting for the next
+//! dispatcher pass; at its maximum lifetime; on a spot interruption notice
+//! or SIGTERM; or when it cannot work at all. Before stopping it takes no
+//! new work, asks running kernels to checkpoint and hands each task back as
+//! a continuation message, within a bounded grace: what has not reached a
+//! safe point by then is handed back without a checkpoint. The instance's
+//! systemd unit powers the instance off when the worker exits (and after
+//! repeated failures), and the launch template makes a shutdown terminate
+//! it: the worker needs no EC2 rights.
 
 mod batcher;
 pub mod metadata;
+mod runs;
 mod task;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use nightshift_core::ports::{BlobStore, InstanceControl, Outgoing, Queue};
+use nightshift_core::limits::ClaimCheck;
+use nightshift_core::ports::{BlobStore, Outgoing, Queue, Received, RunReader};
+use nightshift_core::{Envelope, TaskMessage};
 use nightshift_kernels::{Control, Registry};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -24,19 +35,32 @@ use tokio::time::Instant;
 
 use crate::batcher::Batcher;
 use crate::metadata::InstanceMetadata;
+use crate::runs::RunGate;
+
+/// SQS keeps a received message hidden for 12 hours at most, heartbeats
+/// included.
+const MAX_HIDDEN: Duration = Duration::from_secs(12 * 3600);
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Kernels run at once (one per vCPU by default).
     pub slots: usize,
-    /// How long the queue must stay empty before the instance stops itself.
+    /// How long the queue must stay empty before the worker stops.
     pub idle: Duration,
     /// Long-poll wait of one receive.
     pub wait: Duration,
-    /// Results whose JSON is longer go to the bucket (the claim check).
-    pub inline_limit: usize,
+    /// Which results go to the bucket, and under which key.
+    pub claim_check: ClaimCheck,
     /// How often the metadata service is asked about a spot interruption.
     pub spot_poll: Duration,
+    /// How long running kernels get to reach a safe point when the worker
+    /// must stop (a spot notice gives two minutes in all).
+    pub stop_grace: Duration,
+    /// The worker stops taking work after this long, hands back what it
+    /// holds and exits.
+    pub max_lifetime: Duration,
+    /// Failing to receive for this long means the worker cannot work.
+    pub give_up_after: Duration,
 }
 
 /// The ports the worker uses.
@@ -45,19 +69,32 @@ pub struct Ports {
     pub tasks: Arc<dyn Queue>,
     pub results: Arc<dyn Queue>,
     pub blobs: Arc<dyn BlobStore>,
-    pub instances: Arc<dyn InstanceControl>,
+    pub runs: Arc<dyn RunReader>,
     pub metadata: Arc<dyn InstanceMetadata>,
 }
 
 /// Why the worker stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
-    /// The queue stayed empty; the instance was asked to terminate.
+    /// The queue stayed empty and the run has nothing waiting.
     Idle,
     /// A spot interruption notice; work was handed back.
     Interrupted,
     /// A shutdown signal; work was handed back.
     Shutdown,
+    /// The worker reached its maximum lifetime; work was handed back.
+    Lifetime,
+    /// The queue could not be reached for `give_up_after`; work was
+    /// handed back.
+    Failing,
+}
+
+impl Exit {
+    /// Whether the process should exit with success: every stop but
+    /// `Failing`, which the unit restarts and, repeated, powers off.
+    pub fn is_success(self) -> bool {
+        self != Self::Failing
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +103,19 @@ pub enum WorkerError {
     Start(#[source] nightshift_core::Error),
 }
 
-/// Messages held by this worker, by receipt, with the control that stops
-/// their kernels.
+/// A message this worker holds: its task, when it was received, and the
+/// control that stops its kernel.
+struct HeldTask {
+    message: Received,
+    task: TaskMessage,
+    received_at: Instant,
+    control: Control,
+}
+
+/// Messages held by this worker, by receipt.
 #[derive(Default)]
 struct Held {
-    messages: Mutex<HashMap<String, Control>>,
+    messages: Mutex<HashMap<String, HeldTask>>,
 }
 
 /// Removes a message from [`Held`] when its task ends, however it ends (a
@@ -87,7 +132,7 @@ impl Drop for HeldEntry {
 }
 
 impl Held {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Control>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, HeldTask>> {
         self.messages
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -120,7 +165,7 @@ impl Worker {
         }
     }
 
-    /// Runs until idle, interrupted, or `shutdown` turns true.
+    /// Runs until it must stop (see [`Exit`]) or `shutdown` turns true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> Result<Exit, WorkerError> {
         let instance_id = self
             .ports
@@ -128,6 +173,7 @@ impl Worker {
             .instance_id()
             .await
             .map_err(WorkerError::Start)?;
+        let launched_for = self.ports.metadata.run_id().await.unwrap_or_default();
         let visibility = self
             .ports
             .tasks
@@ -136,11 +182,13 @@ impl Worker {
             .map_err(WorkerError::Start)?;
         tracing::info!(
             instance_id,
+            run_id = launched_for.as_deref().unwrap_or_default(),
             slots = self.settings.slots,
             visibility_s = visibility.as_secs(),
             "worker started"
         );
         let held = Arc::new(Held::default());
+        let gate = RunGate::new(self.ports.runs.clone(), launched_for);
         let context = Arc::new(Context {
             send_result: queue_sender(self.ports.results.clone()),
             send_task: queue_sender(self.ports.tasks.clone()),
@@ -158,10 +206,10 @@ impl Worker {
         let (interrupt_tx, mut interrupted) = watch::channel(false);
         let spot_watch = tokio::spawn(watch_spot(context.clone(), interrupt_tx));
 
-        let exit = receive_loop(&context, &held, &mut shutdown, &mut interrupted).await;
-        let exit = finish(exit, &context).await;
+        let exit = receive_loop(&context, &held, &gate, &mut shutdown, &mut interrupted).await;
         heartbeat.abort();
         spot_watch.abort();
+        tracing::info!(instance_id = %context.instance_id, ?exit, "worker stopped");
         Ok(exit)
     }
 }
@@ -169,17 +217,30 @@ impl Worker {
 async fn receive_loop(
     context: &Arc<Context>,
     held: &Arc<Held>,
+    gate: &RunGate,
     shutdown: &mut watch::Receiver<bool>,
     interrupted: &mut watch::Receiver<bool>,
 ) -> Exit {
     let mut running = JoinSet::new();
+    let started = Instant::now();
     let mut idle_since = Instant::now();
+    let mut failing_since: Option<Instant> = None;
     loop {
-        if *interrupted.borrow() {
-            return stop_running(running, held, Exit::Interrupted).await;
-        }
-        if *shutdown.borrow() {
-            return stop_running(running, held, Exit::Shutdown).await;
+        let stop = if *interrupted.borrow() {
+            Some(Exit::Interrupted)
+        } else if *shutdown.borrow() {
+            Some(Exit::Shutdown)
+        } else if started.elapsed() >= context.settings.max_lifetime {
+            Some(Exit::Lifetime)
+        } else if failing_since
+            .is_some_and(|since| since.elapsed() >= context.settings.give_up_after)
+        {
+            Some(Exit::Failing)
+        } else {
+            None
+        };
+        if let Some(exit) = stop {
+            return stop_running(context, running, held, exit).await;
         }
         while running.try_join_next().is_some() {
             idle_since = Instant::now();
@@ -199,23 +260,44 @@ async fn receive_loop(
             _ = interrupted.changed() => continue,
         };
         let messages = match received {
-            Ok(messages) => messages,
+            Ok(messages) => {
+                failing_since = None;
+                messages
+            }
             Err(error) => {
-                tracing::warn!(%error, "receive failed; retrying");
+                tracing::warn!(error = %error.chain(), "receive failed; retrying");
+                failing_since.get_or_insert_with(Instant::now);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
         if messages.is_empty() {
             if running.is_empty() && idle_since.elapsed() >= context.settings.idle {
+                if gate.work_waiting().await {
+                    tracing::info!("queue empty, but the run has work waiting for the next pass");
+                    idle_since = Instant::now();
+                    continue;
+                }
+                tracing::info!(instance_id = %context.instance_id, "queue drained; stopping");
                 return Exit::Idle;
             }
             continue;
         }
         idle_since = Instant::now();
         for message in messages {
+            let Some(task) = admit(context, gate, &message).await else {
+                continue;
+            };
             let control = Control::new();
-            held.lock().insert(message.receipt.clone(), control.clone());
+            held.lock().insert(
+                message.receipt.clone(),
+                HeldTask {
+                    message: message.clone(),
+                    task: task.clone(),
+                    received_at: Instant::now(),
+                    control: control.clone(),
+                },
+            );
             let entry = HeldEntry {
                 held: held.clone(),
                 receipt: message.receipt.clone(),
@@ -223,51 +305,103 @@ async fn receive_loop(
             let context = context.clone();
             running.spawn(async move {
                 let _entry = entry;
-                task::process(&context, message, control).await;
+                task::process(&context, message, task, control).await;
             });
         }
     }
 }
 
-/// Asks every kernel to stop at its next safe point and waits while each
-/// hands its task back.
-async fn stop_running(mut running: JoinSet<()>, held: &Held, exit: Exit) -> Exit {
-    for control in held.lock().values() {
-        control.request_stop();
+/// The task a message carries, if it is one to run: an unreadable message
+/// or one of a run that is no longer open is deleted.
+async fn admit(context: &Context, gate: &RunGate, message: &Received) -> Option<TaskMessage> {
+    let task = match Envelope::from_json(&message.body) {
+        Ok(Envelope::Task(task)) => task,
+        other => {
+            // Not a task of ours: it can never succeed, so it is removed.
+            tracing::error!(message_id = %message.message_id, parsed = ?other.err(), "unreadable task message; deleting it");
+            context.delete_task.submit(message.receipt.clone()).await;
+            return None;
+        }
+    };
+    if !gate.admits(&task.run_id).await {
+        tracing::info!(task_id = %task.task_id, run_id = %task.run_id, "the task's run is over; dropping its message");
+        context.delete_task.submit(message.receipt.clone()).await;
+        return None;
     }
-    while running.join_next().await.is_some() {}
-    exit
+    Some(task)
 }
 
-async fn finish(exit: Exit, context: &Context) -> Exit {
-    if exit == Exit::Idle {
-        tracing::info!(instance_id = %context.instance_id, "queue drained; terminating this instance");
-        if let Err(error) = context
-            .ports
-            .instances
-            .terminate(&context.instance_id)
-            .await
-        {
-            tracing::error!(%error, "could not terminate this instance");
-        }
+/// Asks every kernel to stop at its next safe point and waits, within the
+/// grace, while each hands its task back; what is still running then is
+/// handed back without a checkpoint.
+async fn stop_running(
+    context: &Context,
+    mut running: JoinSet<()>,
+    held: &Held,
+    exit: Exit,
+) -> Exit {
+    tracing::info!(
+        ?exit,
+        held = held.lock().len(),
+        "stopping: taking no new work"
+    );
+    for entry in held.lock().values() {
+        entry.control.request_stop();
     }
-    tracing::info!(instance_id = %context.instance_id, ?exit, "worker stopped");
+    let drained = tokio::time::timeout(context.settings.stop_grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        let late: Vec<(Received, TaskMessage)> = held
+            .lock()
+            .values()
+            .map(|h| (h.message.clone(), h.task.clone()))
+            .collect();
+        tracing::warn!(
+            tasks = late.len(),
+            "kernels did not reach a safe point in time; handing back without checkpoints"
+        );
+        futures::future::join_all(
+            late.iter()
+                .map(|(message, task)| task::hand_back(context, message, task, None)),
+        )
+        .await;
+        running.abort_all();
+    }
     exit
 }
 
 /// Keeps every held message invisible: extends its visibility to the
-/// queue's timeout every third of that timeout.
+/// queue's timeout every third of that timeout, never past SQS's 12 hours
+/// from receipt. A task that nears those 12 hours is asked to stop at a
+/// safe point and is handed back as a continuation, which starts anew.
 async fn heartbeat(queue: Arc<dyn Queue>, held: Arc<Held>, visibility: Duration) {
-    let every = (visibility / 3).max(Duration::from_secs(1));
+    let every = (visibility / 3).max(Duration::from_millis(200));
+    let renew_before = visibility * 2 + Duration::from_secs(60);
     let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
     loop {
         ticks.tick().await;
-        let receipts: Vec<String> = held.lock().keys().cloned().collect();
-        for chunk in receipts.chunks(10) {
-            match queue.change_visibility_batch(chunk, visibility).await {
-                Ok(failed) if failed.is_empty() => {}
-                Ok(failed) => tracing::warn!(failed = failed.len(), "some heartbeats failed"),
-                Err(error) => tracing::warn!(%error, "heartbeat failed"),
+        let mut extend: Vec<(String, Duration)> = Vec::new();
+        for (receipt, entry) in held.lock().iter() {
+            let left = MAX_HIDDEN.saturating_sub(entry.received_at.elapsed());
+            if left <= renew_before {
+                entry.control.request_stop();
+            }
+            extend.push((receipt.clone(), visibility.min(left)));
+        }
+        // One call per timeout value: held messages mostly share the queue's.
+        let mut by_timeout: HashMap<Duration, Vec<String>> = HashMap::new();
+        for (receipt, timeout) in extend {
+            by_timeout.entry(timeout).or_default().push(receipt);
+        }
+        for (timeout, receipts) in by_timeout {
+            for chunk in receipts.chunks(10) {
+                match queue.change_visibility_batch(chunk, timeout).await {
+                    Ok(failed) if failed.is_empty() => {}
+                    Ok(failed) => tracing::warn!(failed = failed.len(), "some heartbeats failed"),
+                    Err(error) => tracing::warn!(error = %error.chain(), "heartbeat failed"),
+                }
             }
         }
     }
@@ -291,7 +425,7 @@ async fn watch_spot(context: Arc<Context>, interrupt: watch::Sender<bool>) {
 }
 
 fn queue_sender(queue: Arc<dyn Queue>) -> Batcher<String> {
-    Batcher::spawn(move |bodies: Vec<String>| {
+    Batcher::spawn(String::len, move |bodies: Vec<String>| {
         let queue = queue.clone();
         async move {
             let messages: Vec<Outgoing> = bodies
@@ -305,7 +439,7 @@ fn queue_sender(queue: Arc<dyn Queue>) -> Batcher<String> {
             match queue.send_batch(&messages).await {
                 Ok(failed) => messages.iter().map(|m| !failed.contains(&m.id)).collect(),
                 Err(error) => {
-                    tracing::warn!(%error, "batch send failed");
+                    tracing::warn!(error = %error.chain(), "batch send failed");
                     vec![false; messages.len()]
                 }
             }
@@ -314,18 +448,22 @@ fn queue_sender(queue: Arc<dyn Queue>) -> Batcher<String> {
 }
 
 fn queue_deleter(queue: Arc<dyn Queue>) -> Batcher<String> {
-    Batcher::spawn(move |receipts: Vec<String>| {
-        let queue = queue.clone();
-        async move {
-            match queue.delete_batch(&receipts).await {
-                Ok(failed) => receipts.iter().map(|r| !failed.contains(r)).collect(),
-                Err(error) => {
-                    tracing::warn!(%error, "batch delete failed");
-                    vec![false; receipts.len()]
+    // Receipts are small: the count bounds a delete batch, not its bytes.
+    Batcher::spawn(
+        |_: &String| 0,
+        move |receipts: Vec<String>| {
+            let queue = queue.clone();
+            async move {
+                match queue.delete_batch(&receipts).await {
+                    Ok(failed) => receipts.iter().map(|r| !failed.contains(r)).collect(),
+                    Err(error) => {
+                        tracing::warn!(error = %error.chain(), "batch delete failed");
+                        vec![false; receipts.len()]
+                    }
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]

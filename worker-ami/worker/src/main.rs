@@ -1,13 +1,15 @@
 //! The worker daemon: wiring only. Configuration comes from the environment
 //! (on EC2, `/etc/nightshift/worker.env`, written from the user data).
 
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nightshift_core::aws::ec2::Ec2Instances;
+use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
 use nightshift_core::config;
+use nightshift_core::limits::ClaimCheck;
 use nightshift_kernels::Registry;
 use nightshift_worker::metadata::Imds;
 use nightshift_worker::{Ports, Settings, Worker};
@@ -33,7 +35,7 @@ fn registry() -> Result<Registry, Box<dyn std::error::Error + Send + Sync>> {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(
@@ -47,8 +49,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         slots: config::parsed_or("NIGHTSHIFT_SLOTS", cpus)?.max(1),
         idle: Duration::from_secs(config::parsed_or("NIGHTSHIFT_IDLE_SECONDS", 120)?),
         wait: Duration::from_secs(config::parsed_or("NIGHTSHIFT_WAIT_SECONDS", 20)?),
-        inline_limit: config::parsed_or("NIGHTSHIFT_INLINE_LIMIT_BYTES", 200 * 1024)?,
+        claim_check: ClaimCheck::new(config::parsed_or(
+            "NIGHTSHIFT_INLINE_LIMIT_BYTES",
+            200 * 1024,
+        )?),
         spot_poll: Duration::from_millis(config::parsed_or("NIGHTSHIFT_SPOT_POLL_MS", 5000)?),
+        stop_grace: Duration::from_secs(config::parsed_or("NIGHTSHIFT_STOP_GRACE_SECONDS", 90)?),
+        max_lifetime: Duration::from_secs(config::parsed_or(
+            "NIGHTSHIFT_MAX_LIFETIME_SECONDS",
+            43_200,
+        )?),
+        give_up_after: Duration::from_secs(config::parsed_or("NIGHTSHIFT_GIVE_UP_SECONDS", 300)?),
     };
     let aws = aws_config::load_from_env().await;
     let sqs = nightshift_core::aws::sqs::Client::new(&aws);
@@ -65,9 +76,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             nightshift_core::aws::s3::Client::new(&aws),
             config::required("NIGHTSHIFT_BUCKET")?,
         )),
-        instances: Arc::new(Ec2Instances::new(nightshift_core::aws::ec2::Client::new(
-            &aws,
-        ))),
+        runs: Arc::new(DynamoStore::new(
+            nightshift_core::aws::dynamodb::Client::new(&aws),
+            config::required("NIGHTSHIFT_TABLE")?,
+            1,
+        )),
         metadata: Arc::new(Imds::new()),
     };
 
@@ -85,6 +98,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let exit = Worker::new(ports, registry()?, settings)
         .run(stopped)
         .await?;
-    tracing::info!(?exit, "exit");
-    Ok(())
+    tracing::info!(?exit, success = exit.is_success(), "exit");
+    // The unit powers the instance off after a successful exit, and
+    // restarts a failed one (then powers off after repeated failures).
+    Ok(if exit.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

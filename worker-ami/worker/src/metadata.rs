@@ -7,6 +7,9 @@ use aws_config::imds::client::error::ImdsError;
 #[async_trait]
 pub trait InstanceMetadata: Send + Sync {
     async fn instance_id(&self) -> Result<String, nightshift_core::Error>;
+    /// The run this instance was launched for (its `nightshift:run-id`
+    /// tag, which the launch template makes readable), if it has one.
+    async fn run_id(&self) -> Result<Option<String>, nightshift_core::Error>;
     /// The pending spot action (`terminate`, `stop`, `hibernate`), if any.
     async fn spot_action(&self) -> Result<Option<String>, nightshift_core::Error>;
 }
@@ -26,6 +29,21 @@ impl Imds {
     }
 }
 
+impl Imds {
+    /// A path that may not exist: 404 is the normal "no".
+    async fn optional(&self, path: &'static str) -> Result<Option<String>, nightshift_core::Error> {
+        match self.client.get(path).await {
+            Ok(body) => Ok(Some(String::from(body))),
+            Err(ImdsError::ErrorResponse(response))
+                if response.response().status().as_u16() == 404 =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(nightshift_core::Error::transient("IMDS", e)),
+        }
+    }
+}
+
 impl Default for Imds {
     fn default() -> Self {
         Self::new()
@@ -39,32 +57,25 @@ impl InstanceMetadata for Imds {
             .get("/latest/meta-data/instance-id")
             .await
             .map(String::from)
-            .map_err(|e| nightshift_core::Error::service("IMDS instance-id", e))
+            .map_err(|e| nightshift_core::Error::transient("IMDS instance-id", e))
+    }
+
+    async fn run_id(&self) -> Result<Option<String>, nightshift_core::Error> {
+        self.optional("/latest/meta-data/tags/instance/nightshift:run-id")
+            .await
     }
 
     async fn spot_action(&self) -> Result<Option<String>, nightshift_core::Error> {
-        match self
-            .client
-            .get("/latest/meta-data/spot/instance-action")
-            .await
-        {
-            Ok(body) => {
-                let notice: serde_json::Value = serde_json::from_str(body.as_ref())
-                    .map_err(|e| nightshift_core::Error::malformed("spot instance-action", e))?;
-                Ok(Some(
-                    notice["action"].as_str().unwrap_or("terminate").to_owned(),
-                ))
-            }
-            // 404 is the normal answer: no action is scheduled.
-            Err(ImdsError::ErrorResponse(response))
-                if response.response().status().as_u16() == 404 =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(nightshift_core::Error::service(
-                "IMDS spot/instance-action",
-                e,
-            )),
-        }
+        let Some(body) = self
+            .optional("/latest/meta-data/spot/instance-action")
+            .await?
+        else {
+            return Ok(None);
+        };
+        let notice: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| nightshift_core::Error::malformed("spot instance-action", e))?;
+        Ok(Some(
+            notice["action"].as_str().unwrap_or("terminate").to_owned(),
+        ))
     }
 }

@@ -1,6 +1,7 @@
 //! One delivery of one task: load its payload, run its kernel, report.
 
 use chrono::Utc;
+use nightshift_core::limits::ClaimCheck;
 use nightshift_core::ports::Received;
 use nightshift_core::{AttemptEvent, Blob, Envelope, TaskMessage, TaskOutcome, TaskResult};
 use nightshift_kernels::{Control, KernelError, Outcome};
@@ -9,16 +10,12 @@ use tracing::Instrument;
 
 use crate::Context;
 
-pub(crate) async fn process(context: &Context, message: Received, control: Control) {
-    let task = match Envelope::from_json(&message.body) {
-        Ok(Envelope::Task(task)) => task,
-        other => {
-            // Not a task of ours: it can never succeed, so it is removed.
-            tracing::error!(message_id = %message.message_id, parsed = ?other.err(), "unreadable task message; deleting it");
-            context.delete_task.submit(message.receipt).await;
-            return;
-        }
-    };
+pub(crate) async fn process(
+    context: &Context,
+    message: Received,
+    task: TaskMessage,
+    control: Control,
+) {
     let span = tracing::info_span!("task", task_id = %task.task_id, run_id = %task.run_id,
         instance_id = %context.instance_id, receive_count = message.receive_count);
     run(context, message, task, control).instrument(span).await;
@@ -47,7 +44,7 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
     };
     match outcome {
         Ok(Outcome::Done { result, summary }) => {
-            let result = match store_if_large(context, &task, "result", result).await {
+            let result = match store_if_large(context, &message, &task, result).await {
                 Ok(result) => result,
                 Err(error) => {
                     return give_up_for_now(context, &message, &task, &error.to_string()).await;
@@ -101,7 +98,7 @@ async fn give_up_for_now(context: &Context, message: &Received, task: &TaskMessa
 /// Interruption or shutdown: a continuation message (same task, its
 /// checkpoint, its attempts so far) replaces the one held, so the receive
 /// count, the budget for failures, starts again.
-async fn hand_back(
+pub(crate) async fn hand_back(
     context: &Context,
     message: &Received,
     task: &TaskMessage,
@@ -110,7 +107,7 @@ async fn hand_back(
     let mut continuation = task.clone();
     continuation.prior_attempts = task.prior_attempts + message.receive_count;
     if let Some(bytes) = checkpoint {
-        let key = format!("checkpoints/{}/{}.bin", task.task_id, message.message_id);
+        let key = ClaimCheck::checkpoint_key(&task.run_id, &task.task_id);
         match context.ports.blobs.put(&key, bytes).await {
             Ok(()) => continuation.checkpoint_key = Some(key),
             Err(error) => {
@@ -203,17 +200,29 @@ async fn run_kernel(
         .unwrap_or_else(|panic| Err(KernelError::Retryable(format!("kernel panicked: {panic}"))))
 }
 
+/// The result inline, or in the bucket when it would not fit the task item
+/// next to the payload, or its message (the claim check). Each delivery
+/// writes its own object, so a duplicate never replaces a recorded result.
 async fn store_if_large(
     context: &Context,
+    message: &Received,
     task: &TaskMessage,
-    what: &str,
     value: Value,
 ) -> Result<Blob, nightshift_core::Error> {
     let text = value.to_string();
-    if text.len() <= context.settings.inline_limit {
+    let payload_bytes = match &task.payload {
+        Blob::Inline(payload) => payload.to_string().len(),
+        Blob::Stored { .. } => 0,
+    };
+    if context
+        .settings
+        .claim_check
+        .result_inline(text.len(), payload_bytes)
+    {
         return Ok(Blob::Inline(value));
     }
-    let key = format!("{what}s/{}.json", task.task_id);
+    let delivery = format!("{}-{}", message.message_id, message.receive_count);
+    let key = ClaimCheck::result_key(&task.run_id, &task.task_id, &delivery);
     context.ports.blobs.put(&key, text.into_bytes()).await?;
     Ok(Blob::Stored { key })
 }
