@@ -100,6 +100,28 @@ async fn the_night_runs_every_task_once_and_leaves_nothing_behind() {
             },
         )
         .await;
+    // Each worker asked for it: it exited with success and its unit powered
+    // the instance off. Nothing else terminated an instance.
+    let instances = stack.instances().await;
+    let powered_off = stack.powered_off();
+    for id in instances.keys() {
+        assert_eq!(
+            powered_off.get(id).map(String::as_str),
+            Some("SuccessAction"),
+            "{id}: {powered_off:?}"
+        );
+        let log = std::fs::read_to_string(stack.workers_dir().join(format!("{id}.log"))).unwrap();
+        assert!(
+            log.contains("queue drained; stopping"),
+            "{id} stopped because it was idle"
+        );
+    }
+    assert!(
+        !stack
+            .serve_log_all()
+            .contains("terminating workers that outlived"),
+        "the dispatcher's backstop was not needed"
+    );
 }
 
 fn nightshift_kernels_demo(account: &str, seed: u64) -> Value {
@@ -130,11 +152,20 @@ async fn a_killed_worker_loses_no_task() {
         .trim()
         .parse()
         .unwrap();
+    // The instance dies with its worker, as a reclaimed instance does
+    // without notice.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    stack
+        .ec2
+        .terminate_instances()
+        .instance_ids(&instance_id)
+        .send()
+        .await
+        .unwrap();
 
     let report = stack.finish(&run_id, RUN_TIMEOUT).await;
     let run = &report["run"];

@@ -41,6 +41,16 @@ fn repository() -> PathBuf {
 impl Stack {
     /// Starts a stack with these template parameter overrides.
     pub async fn start(parameters: &[(&str, &str)]) -> Self {
+        Self::launch(parameters, false).await
+    }
+
+    /// Only the stack's resources in the emulator: no API, functions or
+    /// workers, for tests that drive the adapters themselves.
+    pub async fn resources() -> Self {
+        Self::launch(&[], true).await
+    }
+
+    async fn launch(parameters: &[(&str, &str)], resources_only: bool) -> Self {
         let dir = tempfile::tempdir().expect("state directory");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -78,6 +88,9 @@ impl Stack {
             .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap());
         for (key, value) in parameters {
             command.arg("--param").arg(format!("{key}={value}"));
+        }
+        if resources_only {
+            command.arg("--resources-only");
         }
         let serve = command.spawn().expect("start the local stack");
         let env_file = dir.path().join("local.env");
@@ -238,6 +251,27 @@ impl Stack {
 
     pub fn serve_log(&self) -> String {
         log_tail(&self.dir.path().join("serve.log"))
+    }
+
+    pub fn serve_log_all(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// Instances the local supervisor powered off, as the worker's unit
+    /// said, and the unit setting that said so.
+    pub fn powered_off(&self) -> BTreeMap<String, String> {
+        self.serve_log_all()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|record| record["fields"]["message"] == "instance powered off")
+            .filter_map(|record| {
+                let fields = &record["fields"];
+                Some((
+                    fields["instance_id"].as_str()?.to_owned(),
+                    fields["cause"].as_str()?.to_owned(),
+                ))
+            })
+            .collect()
     }
 }
 
