@@ -9,12 +9,14 @@ VENV := .venv
 BIN := $(CARGO_TARGET_DIR)/debug
 NIGHTSHIFT := $(BIN)/nightshift
 ACCOUNTS ?= 50
+CHAOS_TASKS ?= 300
 
-.PHONY: help venv build fmt fmt-check clippy lint-template unit e2e test demo bench package clean
+.PHONY: help venv build fmt fmt-check clippy lint-template unit e2e chaos test demo bench package clean
 
 help:
 	@echo "make demo     run a night on the local stack: $(ACCOUNTS) accounts, spot workers, the report"
-	@echo "make test     fmt, clippy, template lint, unit and end-to-end tests (what CI runs)"
+	@echo "make test     fmt, clippy, template lint, unit, conformance, end-to-end and chaos tests (what CI runs)"
+	@echo "make chaos    the chaos test at $(CHAOS_TASKS) tasks (CHAOS_SEED=n replays a seed)"
 	@echo "make bench    kernel benchmark against NumPy"
 	@echo "make package  release builds for Lambda (arm64) and the worker image"
 
@@ -44,9 +46,13 @@ lint-template: venv
 unit:
 	cargo test --workspace --locked --exclude nightshift-e2e
 
-# One stack at a time: each runs its own emulator and workers.
+# One stack at a time: each runs its own emulator and workers. The chaos
+# test prints its seed and its verdict line.
 e2e: venv build
-	cargo test -p nightshift-e2e --locked -- --test-threads=1
+	cargo test -p nightshift-e2e --locked -- --test-threads=1 --nocapture
+
+chaos: venv build
+	CHAOS_TASKS=$(CHAOS_TASKS) cargo test -p nightshift-e2e --locked --test chaos -- --nocapture
 
 test: fmt-check clippy lint-template unit e2e
 

@@ -495,3 +495,63 @@ async fn a_task_longer_than_its_visibility_timeout_runs_once() {
         .sum();
     assert_eq!(starts, 1, "the kernel ran once");
 }
+
+/// Payloads and results around every size limit, in batches: 100 KiB,
+/// 190 KiB and 210 KiB (about the inline limit, and together over a 400 KB
+/// item) and 3 MiB, each with results of the first three sizes; several
+/// finish at once on a worker of six slots, so batches of results and of
+/// task messages pass SQS's 1 MiB for a batch unless split by bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn payloads_and_results_around_every_limit_are_all_recorded() {
+    const KIB: usize = 1024;
+    let stack = Stack::start(&[("SlotsPerInstance", "6"), ("MaxInstances", "2")]).await;
+    let mut ids = Vec::new();
+    let mut expected = Vec::new();
+    for payload in [100 * KIB, 190 * KIB, 210 * KIB, 3 * KIB * KIB] {
+        let tasks: Vec<Value> = [100 * KIB, 190 * KIB, 210 * KIB]
+            .iter()
+            .map(|result| {
+                expected.push(payload);
+                json!({
+                    "account": format!("p{}-r{}", payload / KIB, result / KIB),
+                    "kernel": "sleep",
+                    "payload": { "seconds": 0.2, "data": "d".repeat(payload), "result_bytes": result },
+                })
+            })
+            .collect();
+        // A request body holds at most 8 MiB: the largest go one by one.
+        for batch in tasks.chunks(if payload > KIB * KIB { 1 } else { 3 }) {
+            ids.extend(stack.submit(batch).await);
+        }
+    }
+    let run_id = stack.start_run().await;
+    let report = stack.finish(&run_id, RUN_TIMEOUT).await;
+    let run = &report["run"];
+    assert_eq!(
+        (run["done"].as_u64(), run["failed"].as_u64()),
+        (Some(ids.len() as u64), Some(0)),
+        "{}",
+        report["tasks"]
+    );
+    for (id, payload) in ids.iter().zip(expected) {
+        let (_, task) = stack.request("GET", &format!("/tasks/{id}"), None).await;
+        assert_eq!(task["status"], "DONE", "{}", task["account"]);
+        assert_eq!(task["attempts"], 1, "{}", task["account"]);
+        let stored = task["payload"]["stored"].is_object();
+        assert_eq!(
+            stored,
+            payload > 188 * KIB,
+            "{}: payload {}",
+            task["account"],
+            task["payload"].to_string().len().min(200)
+        );
+    }
+    for queue in [
+        "NIGHTSHIFT_TASK_QUEUE_URL",
+        "NIGHTSHIFT_RESULT_QUEUE_URL",
+        "NIGHTSHIFT_TASK_DLQ_URL",
+        "NIGHTSHIFT_RESULT_DLQ_URL",
+    ] {
+        assert_eq!(stack.queue_depth(queue).await, 0, "{queue} is empty");
+    }
+}

@@ -19,6 +19,7 @@ pub struct Stack {
     pub sqs: aws_sdk_sqs::Client,
     pub ec2: aws_sdk_ec2::Client,
     pub dynamodb: aws_sdk_dynamodb::Client,
+    pub s3: aws_sdk_s3::Client,
     http: reqwest::Client,
 }
 
@@ -41,16 +42,21 @@ fn repository() -> PathBuf {
 impl Stack {
     /// Starts a stack with these template parameter overrides.
     pub async fn start(parameters: &[(&str, &str)]) -> Self {
-        Self::launch(parameters, false).await
+        Self::launch(parameters, &[]).await
+    }
+
+    /// A stack with these parameter overrides and further `serve` options.
+    pub async fn start_with(parameters: &[(&str, &str)], options: &[&str]) -> Self {
+        Self::launch(parameters, options).await
     }
 
     /// Only the stack's resources in the emulator: no API, functions or
     /// workers, for tests that drive the adapters themselves.
     pub async fn resources() -> Self {
-        Self::launch(&[], true).await
+        Self::launch(&[], &["--resources-only"]).await
     }
 
-    async fn launch(parameters: &[(&str, &str)], resources_only: bool) -> Self {
+    async fn launch(parameters: &[(&str, &str)], options: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("state directory");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -89,9 +95,7 @@ impl Stack {
         for (key, value) in parameters {
             command.arg("--param").arg(format!("{key}={value}"));
         }
-        if resources_only {
-            command.arg("--resources-only");
-        }
+        command.args(options);
         let serve = command.spawn().expect("start the local stack");
         let env_file = dir.path().join("local.env");
         let started = Instant::now();
@@ -123,6 +127,11 @@ impl Stack {
             sqs: aws_sdk_sqs::Client::new(&aws),
             ec2: aws_sdk_ec2::Client::new(&aws),
             dynamodb: aws_sdk_dynamodb::Client::new(&aws),
+            s3: aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&aws)
+                    .force_path_style(true)
+                    .build(),
+            ),
             http: reqwest::Client::new(),
             dir,
         }
@@ -208,6 +217,56 @@ impl Stack {
                 .unwrap_or(0)
         })
         .sum()
+    }
+
+    /// Every item of the table, string and number attributes as text.
+    pub async fn scan_table(&self) -> Vec<BTreeMap<String, String>> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let page = self
+                .dynamodb
+                .scan()
+                .table_name(&self.env["NIGHTSHIFT_TABLE"])
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .unwrap();
+            for item in page.items() {
+                items.push(
+                    item.iter()
+                        .filter_map(|(name, value)| {
+                            let text = value.as_s().or_else(|_| value.as_n()).ok()?;
+                            Some((name.clone(), text.clone()))
+                        })
+                        .collect(),
+                );
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                return items;
+            }
+        }
+    }
+
+    /// Every key in the payload bucket.
+    pub async fn bucket_keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.env["NIGHTSHIFT_BUCKET"])
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            keys.extend(
+                page.unwrap()
+                    .contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+        }
+        keys
     }
 
     /// Instances in each state, by id.

@@ -211,6 +211,16 @@ struct StackArgs {
     /// The worker program (default: next to this one).
     #[arg(long)]
     worker_bin: Option<PathBuf>,
+    /// Dispatcher loops running at once (EventBridge may deliver a tick twice).
+    #[arg(long, default_value_t = 1)]
+    dispatchers: usize,
+    /// Answer this share (0 to 1) of nightshift's own AWS calls with a
+    /// fault: throttling, a 5xx, a conflicting transaction, a lost answer.
+    #[arg(long)]
+    faults: Option<f64>,
+    /// The seed of the fault decisions.
+    #[arg(long, default_value_t = 1)]
+    fault_seed: u64,
 }
 
 impl StackArgs {
@@ -227,7 +237,14 @@ impl StackArgs {
             self.api_port.to_string(),
             "--dispatch-every".to_owned(),
             self.dispatch_every.to_string(),
+            "--dispatchers".to_owned(),
+            self.dispatchers.to_string(),
+            "--fault-seed".to_owned(),
+            self.fault_seed.to_string(),
         ];
+        if let Some(rate) = self.faults {
+            args.extend(["--faults".to_owned(), rate.to_string()]);
+        }
         for param in &self.params {
             args.extend(["--param".to_owned(), param.clone()]);
         }
@@ -254,6 +271,9 @@ impl StackArgs {
                     .ok_or_else(|| CliError::Usage(format!("--param {p}: expected KEY=VALUE")))
             })
             .collect::<Result<BTreeMap<_, _>, _>>()?;
+        if self.faults.is_some_and(|rate| !(0.0..=1.0).contains(&rate)) {
+            return Err(CliError::Usage("--faults must be between 0 and 1".into()));
+        }
         if !(self.dispatch_every.is_finite() && self.dispatch_every > 0.0) {
             return Err(CliError::Usage(
                 "--dispatch-every must be a positive number of seconds".into(),
@@ -276,6 +296,9 @@ impl StackArgs {
             dispatch_every: Duration::from_secs_f64(self.dispatch_every),
             worker_bin,
             resources_only,
+            dispatchers: self.dispatchers,
+            faults: self.faults,
+            fault_seed: self.fault_seed,
         })
     }
 }

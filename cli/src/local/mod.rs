@@ -2,6 +2,7 @@
 //! `up` starts `serve` in the background and returns once the stack is
 //! ready; `down` stops it; `status` tells what is there.
 
+mod faults;
 mod feeder;
 mod imds;
 pub mod serve;

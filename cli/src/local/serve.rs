@@ -20,8 +20,9 @@ use nightshift_dispatcher::{Dispatcher, Settings as DispatchSettings};
 use nightshift_ingest::{Api, DispatchTrigger, Limits};
 use tokio::process::Command;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 
+use super::faults::Faults;
 use super::template::Template;
 use super::unit::Unit;
 use super::workers::{Registry, Supervisor};
@@ -53,16 +54,21 @@ pub struct ServeOptions {
     pub worker_bin: PathBuf,
     /// Create the resources and nothing else (no API, functions or workers).
     pub resources_only: bool,
+    /// Dispatcher loops running at once.
+    pub dispatchers: usize,
+    /// The share of nightshift's own AWS calls that get a fault injected.
+    pub faults: Option<f64>,
+    pub fault_seed: u64,
 }
 
-/// Wakes the local dispatcher loop, as the Lambda invoke does on AWS.
-struct ChannelTrigger(mpsc::Sender<()>);
+/// Wakes the local dispatcher loops, as the Lambda invoke does on AWS.
+struct NotifyTrigger(Arc<Notify>);
 
 #[async_trait]
-impl DispatchTrigger for ChannelTrigger {
+impl DispatchTrigger for NotifyTrigger {
     async fn dispatch_soon(&self, _run_id: &str) -> Result<(), nightshift_core::Error> {
-        // A full channel already holds a wake-up: nothing is lost.
-        let _ = self.0.try_send(());
+        // A loop busy with a pass misses it, and ticks again soon.
+        self.0.notify_waiters();
         Ok(())
     }
 }
@@ -117,26 +123,55 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
             .ok_or_else(|| CliError::Local(format!("parameter {name} is not a number")))
     };
     let shards = u32::try_from(number("PendingShards")?).unwrap_or(8);
-    let store = DynamoStore::new(
-        nightshift_core::aws::dynamodb::Client::new(&aws),
-        output("TableName")?,
-        shards,
-    );
-    let sqs = nightshift_core::aws::sqs::Client::new(&aws);
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
+    // nightshift's own calls (functions and workers) go through the fault
+    // proxy when asked; what stands in for AWS itself (the event source
+    // mapping, EC2's side of instances) goes straight to the emulator.
+    let (product, faults) = match options.faults {
+        Some(rate) => {
+            let target = aws_endpoint()?;
+            let faults = Arc::new(Faults::new(target, rate, options.fault_seed));
+            let listener = bind(0).await?;
+            let url = format!(
+                "http://{}",
+                listener
+                    .local_addr()
+                    .map_err(|e| CliError::io(Path::new("faults"), e))?
+            );
+            tasks.spawn(serve_router(
+                listener,
+                super::faults::router(faults.clone()),
+                stop.clone(),
+            ));
+            tracing::info!(%url, rate, seed = options.fault_seed, "fault proxy in front of the emulator");
+            (
+                aws.to_builder().endpoint_url(&url).build(),
+                Some((faults, url)),
+            )
+        }
+        None => (aws.clone(), None),
+    };
+    let store = DynamoStore::new(
+        nightshift_core::aws::dynamodb::Client::new(&product),
+        output("TableName")?,
+        shards,
+    );
+    let sqs = nightshift_core::aws::sqs::Client::new(&product);
+    let direct_sqs = nightshift_core::aws::sqs::Client::new(&aws);
+
     // The API, served as API Gateway would serve the ingest function.
-    let (wake_tx, wake) = mpsc::channel(1);
+    let wake = Arc::new(Notify::new());
     let api = Api {
         writer: Arc::new(store.clone()),
         reader: Arc::new(store.clone()),
         runs: Arc::new(store.clone()),
         blobs: Arc::new(S3Blobs::new(
-            nightshift_core::aws::s3::Client::new(&aws),
+            nightshift_core::aws::s3::Client::new(&product),
             output("PayloadBucketName")?,
         )),
-        trigger: Arc::new(ChannelTrigger(wake_tx)),
+        trigger: Arc::new(NotifyTrigger(wake.clone())),
         limits: Limits::with_builtin_kernels(
             usize::try_from(number("MaxPayloadBytes")?).unwrap_or(usize::MAX),
         )
@@ -173,24 +208,33 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         .map(|t| t.split(',').map(|s| s.trim().to_owned()).collect())
         .unwrap_or_default();
     let fleet = SpotFleet::new(
-        nightshift_core::aws::ec2::Client::new(&aws),
+        nightshift_core::aws::ec2::Client::new(&product),
         output("LaunchTemplateId")?,
         instance_types,
     );
-    let task_queue = SqsQueue::new(sqs.clone(), output("TaskQueueUrl")?);
-    tasks.spawn(dispatch_loop(
-        store.clone(),
-        task_queue,
+    let dispatch = Arc::new(DispatchPorts {
+        store: store.clone(),
+        queue: SqsQueue::new(sqs.clone(), output("TaskQueueUrl")?),
         fleet,
-        dispatch_settings,
-        options.dispatch_every,
-        wake,
-        stop.clone(),
-    ));
+        blobs: S3Blobs::new(
+            nightshift_core::aws::s3::Client::new(&product),
+            output("PayloadBucketName")?,
+        ),
+        settings: dispatch_settings,
+    });
+    // As EventBridge may deliver a tick twice, several loops may run at once.
+    for _ in 0..options.dispatchers.max(1) {
+        tasks.spawn(dispatch_loop(
+            dispatch.clone(),
+            options.dispatch_every,
+            wake.clone(),
+            stop.clone(),
+        ));
+    }
 
     // The collector, fed from each SQS event source the template declares.
     for source in template.sqs_sources("CollectorFunction")? {
-        let queue = SqsQueue::new(sqs.clone(), output(&format!("{}Url", source.queue))?);
+        let queue = SqsQueue::new(direct_sqs.clone(), output(&format!("{}Url", source.queue))?);
         tasks.spawn(super::feeder::run(
             queue,
             source,
@@ -204,6 +248,9 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     let mut worker_env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("AWS_") && k != "AWS_EC2_METADATA_SERVICE_ENDPOINT")
         .collect();
+    if let Some((_, url)) = &faults {
+        worker_env.insert("AWS_ENDPOINT_URL".to_owned(), url.clone());
+    }
     worker_env.extend([
         (
             "NIGHTSHIFT_TASK_QUEUE_URL".to_owned(),
@@ -265,7 +312,7 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     );
     tasks.spawn(serve_router(
         control_listener,
-        control_router(registry),
+        control_router(registry, faults.map(|(faults, _)| faults)),
         stop.clone(),
     ));
 
@@ -357,38 +404,46 @@ async fn start_emulator(
     )))
 }
 
-async fn dispatch_loop(
+/// What a dispatcher pass needs, shared by the loops.
+struct DispatchPorts {
     store: DynamoStore,
     queue: SqsQueue,
     fleet: SpotFleet,
+    blobs: S3Blobs,
     settings: DispatchSettings,
+}
+
+async fn dispatch_loop(
+    ports: Arc<DispatchPorts>,
     every: Duration,
-    mut wake: mpsc::Receiver<()>,
+    wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let dispatcher = Dispatcher {
-        runs: &store,
-        pending: &store,
-        queue: &queue,
-        fleet: &fleet,
-        settings: &settings,
+        runs: &ports.store,
+        pending: &ports.store,
+        tasks: &ports.store,
+        queue: &ports.queue,
+        fleet: &ports.fleet,
+        blobs: &ports.blobs,
+        settings: &ports.settings,
     };
     loop {
         let owner = uuid::Uuid::new_v4().to_string();
         match dispatcher.pass(chrono::Utc::now(), &owner).await {
             Ok(pass) if pass.skipped.is_none() => tracing::info!(?pass, "dispatch pass"),
             Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "dispatch pass failed"),
+            Err(error) => tracing::warn!(error = %error, "dispatch pass failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = wake.recv() => {}
+            _ = wake.notified() => {}
             _ = stop.changed() => return,
         }
     }
 }
 
-fn control_router(registry: Arc<Registry>) -> Router {
+fn control_router(registry: Arc<Registry>, faults: Option<Arc<Faults>>) -> Router {
     Router::new()
         .route(
             "/instances/{id}/interrupt",
@@ -400,7 +455,20 @@ fn control_router(registry: Arc<Registry>) -> Router {
             "/instances",
             get(|State(registry): State<Arc<Registry>>| async move { axum::Json(registry.running()) }),
         )
+        .route(
+            "/faults",
+            get(move || async move {
+                axum::Json(serde_json::json!({ "injected": faults.as_ref().map_or(0, |f| f.injected()) }))
+            }),
+        )
         .with_state(registry)
+}
+
+/// The emulator's address, as this process was given it.
+fn aws_endpoint() -> Result<String, CliError> {
+    std::env::var("AWS_ENDPOINT_URL").map_err(|_| {
+        CliError::Local("AWS_ENDPOINT_URL is not set: no emulator to put faults in front of".into())
+    })
 }
 
 async fn bind(port: u16) -> Result<tokio::net::TcpListener, CliError> {

@@ -782,6 +782,15 @@ impl BlobStore for MemoryBlobs {
         }
         Ok(())
     }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        network().await;
+        Ok(lock(&self.objects)
+            .keys()
+            .filter(|key| key.starts_with(prefix))
+            .cloned()
+            .collect())
+    }
 }
 
 /// Spot capacity in memory: every launch succeeds; requests are kept.
@@ -792,6 +801,8 @@ pub struct FakeFleet {
 
 #[derive(Debug, Default)]
 struct FleetState {
+    /// The next launch is made but its answer lost.
+    lose_next_answer: bool,
     next: u32,
     /// Instance → (run, launch time, alive).
     instances: BTreeMap<String, (String, DateTime<Utc>, bool)>,
@@ -825,6 +836,11 @@ impl FakeFleet {
             .collect()
     }
 
+    /// The next launch happens, but its caller sees an error.
+    pub fn lose_next_answer(&self) {
+        lock(&self.state).lose_next_answer = true;
+    }
+
     /// Instances the dispatcher asked to terminate.
     pub fn terminated(&self) -> Vec<String> {
         lock(&self.state).terminated.clone()
@@ -844,6 +860,13 @@ impl Fleet for FakeFleet {
         network().await;
         let mut state = lock(&self.state);
         if let Some(launched) = state.tokens.get(token) {
+            // EC2 replays a token only for the same request.
+            if launched.len() != count as usize {
+                return Err(Error::permanent(
+                    "CreateFleet",
+                    "IdempotentParameterMismatch",
+                ));
+            }
             return Ok(launched.clone());
         }
         let now = Utc::now();
@@ -862,6 +885,9 @@ impl Fleet for FakeFleet {
             });
         }
         state.tokens.insert(token.to_owned(), launched.clone());
+        if std::mem::take(&mut state.lose_next_answer) {
+            return Err(Error::transient("CreateFleet", "the answer was lost"));
+        }
         Ok(launched)
     }
 

@@ -77,6 +77,22 @@ impl ClaimCheck {
     pub fn checkpoint_key(run_id: &str, task_id: &str) -> String {
         format!("runs/{run_id}/checkpoints/{task_id}.bin")
     }
+
+    /// Where every object of a run is.
+    pub fn run_prefix(run_id: &str) -> String {
+        format!("runs/{run_id}/")
+    }
+
+    /// The task an object of a run belongs to.
+    pub fn task_of_run_object<'a>(run_id: &str, key: &'a str) -> Option<&'a str> {
+        let rest = key
+            .strip_prefix("runs/")?
+            .strip_prefix(run_id)?
+            .strip_prefix('/')?;
+        let (_, rest) = rest.split_once('/')?;
+        let task = rest.split('/').next()?;
+        Some(task.strip_suffix(".bin").unwrap_or(task))
+    }
 }
 
 /// Cuts `text` to at most `limit` bytes on a character boundary, marking
@@ -170,6 +186,19 @@ mod tests {
         for batch in sqs_batches(vec![180 * KIB; 6], |s| *s) {
             assert!(batch.iter().sum::<usize>() <= SQS_MESSAGE_LIMIT);
         }
+    }
+
+    #[test]
+    fn objects_of_a_run_name_their_task() {
+        let result = ClaimCheck::result_key("r1", "t1", "m-1");
+        let checkpoint = ClaimCheck::checkpoint_key("r1", "t2");
+        assert!(result.starts_with(&ClaimCheck::run_prefix("r1")));
+        assert_eq!(ClaimCheck::task_of_run_object("r1", &result), Some("t1"));
+        assert_eq!(
+            ClaimCheck::task_of_run_object("r1", &checkpoint),
+            Some("t2")
+        );
+        assert_eq!(ClaimCheck::task_of_run_object("r2", &result), None);
     }
 
     #[test]

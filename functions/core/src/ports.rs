@@ -215,6 +215,8 @@ pub trait BlobStore: Send + Sync {
     async fn get(&self, key: &str) -> Result<Vec<u8>, Error>;
     /// Deletes objects, up to 1,000 a call; a missing key is no error.
     async fn delete_many(&self, keys: &[String]) -> Result<(), Error>;
+    /// Every key under `prefix`.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, Error>;
 }
 
 /// A worker instance of this stack, as EC2 describes it.

@@ -12,7 +12,8 @@
 //!    and bytes, each batch then marked QUEUED with the run's counter,
 //!    keeping at most `max_queued` tasks of the run in flight;
 //! 5. sizes the spot fleet from the backlog and launches what is missing;
-//! 6. closes the run when nothing is pending and every queued task ended.
+//! 6. closes the run when nothing is pending and every queued task ended,
+//!    and removes the run's objects that no task holds.
 //!
 //! A message is sent before its task is marked, so a pass that dies between
 //! the two leaves the task PENDING and a later pass sends it again: a task is
@@ -23,9 +24,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use nightshift_core::limits::ClaimCheck;
 use nightshift_core::limits::sqs_batches;
-use nightshift_core::ports::{Fleet, Outgoing, PendingTasks, Queue, RunStore, WorkerInstance};
-use nightshift_core::{Envelope, PendingTask, Run, TaskMessage};
+use nightshift_core::ports::{
+    BlobStore, Fleet, Outgoing, PendingTasks, Queue, RunStore, TaskReader, WorkerInstance,
+};
+use nightshift_core::{Blob, Envelope, PendingTask, Run, TaskMessage};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +67,11 @@ pub struct Settings {
 pub struct Dispatcher<'a> {
     pub runs: &'a dyn RunStore,
     pub pending: &'a dyn PendingTasks,
+    /// The run's tasks, to tell which of its objects a task still holds.
+    pub tasks: &'a dyn TaskReader,
     pub queue: &'a dyn Queue,
     pub fleet: &'a dyn Fleet,
+    pub blobs: &'a dyn BlobStore,
     pub settings: &'a Settings,
 }
 
@@ -80,6 +87,8 @@ pub struct Pass {
     /// Pending tasks were left for the next pass: the run had no more room.
     pub waiting: bool,
     pub closed: bool,
+    /// Objects of the closed run that no task holds, removed.
+    pub swept: usize,
 }
 
 /// Index entries read per query.
@@ -151,6 +160,13 @@ impl Dispatcher<'_> {
             pass.closed = self.runs.close_run(&run.id, now).await?;
             if pass.closed {
                 tracing::info!(run_id = %run.id, done = run.done, failed = run.failed, "run finished");
+                match self.sweep(&run.id).await {
+                    Ok(removed) => pass.swept = removed,
+                    // The bucket's lifecycle rule removes what this misses.
+                    Err(error) => {
+                        tracing::warn!(run_id = %run.id, error = %error.chain(), "could not sweep the run's objects")
+                    }
+                }
             }
         }
         Ok(())
@@ -318,6 +334,38 @@ impl Dispatcher<'_> {
         }
         tracing::info!(run_id = %run.id, requested = count, launched = launched.len(), "spot workers launched");
         Ok(launched.len())
+    }
+
+    /// Removes the objects of a finished run that no task holds: its
+    /// checkpoints, and results of deliveries that were not recorded (a
+    /// duplicate, a worker that died before sending, a result the table
+    /// refused).
+    async fn sweep(&self, run_id: &str) -> Result<usize, nightshift_core::Error> {
+        let keys = self.blobs.list(&ClaimCheck::run_prefix(run_id)).await?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut task_ids: Vec<String> = keys
+            .iter()
+            .filter_map(|key| ClaimCheck::task_of_run_object(run_id, key))
+            .map(str::to_owned)
+            .collect();
+        task_ids.sort();
+        task_ids.dedup();
+        let held: HashSet<String> = self
+            .tasks
+            .tasks(&task_ids)
+            .await?
+            .into_iter()
+            .filter_map(|task| match task.result {
+                Some(Blob::Stored { key }) => Some(key),
+                _ => None,
+            })
+            .collect();
+        let orphans: Vec<String> = keys.into_iter().filter(|key| !held.contains(key)).collect();
+        self.blobs.delete_many(&orphans).await?;
+        tracing::info!(run_id, removed = orphans.len(), "swept the run's objects");
+        Ok(orphans.len())
     }
 
     /// Terminates workers that no open run claims any more, past a grace

@@ -6,6 +6,7 @@ use std::time::Duration;
 use lambda_runtime::{LambdaEvent, service_fn};
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::ec2::SpotFleet;
+use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
 use nightshift_core::config;
 use nightshift_dispatcher::{Dispatcher, Pass, Settings};
@@ -46,11 +47,17 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         config::required("NIGHTSHIFT_LAUNCH_TEMPLATE_ID")?,
         instance_types,
     );
+    let blobs = S3Blobs::new(
+        nightshift_core::aws::s3::Client::new(&aws),
+        config::required("NIGHTSHIFT_BUCKET")?,
+    );
     let dispatcher = Dispatcher {
         runs: &store,
         pending: &store,
+        tasks: &store,
         queue: &queue,
         fleet: &fleet,
+        blobs: &blobs,
         settings: &settings,
     };
     let dispatcher = &dispatcher;

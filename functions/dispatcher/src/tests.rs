@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use nightshift_core::fakes::{FakeFleet, MemoryQueue, MemoryStore};
+use nightshift_core::fakes::{FakeFleet, MemoryBlobs, MemoryQueue, MemoryStore};
 use nightshift_core::ports::{
-    Cursor, Page, PendingTasks, RecordOutcome, ResultRecorder, RunReader, TaskWriter,
+    BlobStore, Cursor, Page, PendingTasks, RecordOutcome, ResultRecorder, RunReader, TaskWriter,
 };
 use nightshift_core::{Blob, Envelope, NewTask, TaskOutcome, TaskResult, TaskStatus};
 use serde_json::{Value, json};
+
+use nightshift_core::limits::ClaimCheck;
 
 use super::*;
 
@@ -18,6 +20,7 @@ struct World {
     store: Arc<MemoryStore>,
     queue: Arc<MemoryQueue>,
     fleet: Arc<FakeFleet>,
+    blobs: Arc<MemoryBlobs>,
     settings: Settings,
 }
 
@@ -31,6 +34,7 @@ impl World {
             store: Arc::new(MemoryStore::new(shards)),
             queue: Arc::new(MemoryQueue::default()),
             fleet: Arc::new(FakeFleet::default()),
+            blobs: Arc::new(MemoryBlobs::default()),
             settings: Settings {
                 max_instances: 3,
                 slots_per_instance: 2,
@@ -47,8 +51,10 @@ impl World {
         Dispatcher {
             runs: &*self.store,
             pending: &*self.store,
+            tasks: &*self.store,
             queue: &*self.queue,
             fleet: &*self.fleet,
+            blobs: &*self.blobs,
             settings: &self.settings,
         }
     }
@@ -419,14 +425,20 @@ async fn a_launch_not_yet_shown_by_ec2_is_not_launched_again() {
 }
 
 #[tokio::test]
-async fn each_fleet_request_has_its_own_token_with_its_count() {
+async fn a_lost_fleet_answer_does_not_block_later_passes() {
     let world = World::new(1000);
     world.add_tasks(6).await;
-    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
-    world.fleet.lose(&world.fleet.active()[0]);
-    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
-    // Two requests (3 instances, then 1), two tokens: neither replays the other.
-    assert_eq!(world.fleet.launches(), 2);
+    // The fleet is made, but the answer is lost: nothing is recorded.
+    world.fleet.lose_next_answer();
+    assert!(world.dispatcher().pass(Utc::now(), "d").await.is_err());
+    // The instances exist but are unknown to the run; one of them dies, so
+    // the next pass asks for another count under the same request number.
+    let first = world.fleet.active()[0].clone();
+    world.fleet.lose(&first);
+    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert_eq!(pass.launched, 1, "a new request, not a mismatch");
+    let again = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert!(again.skipped.is_none());
 }
 
 #[tokio::test]
@@ -473,4 +485,43 @@ async fn a_run_closes_when_every_task_ended_and_nothing_is_pending() {
     assert!(world.store.current_run().await.unwrap().is_none());
     let idle = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
     assert_eq!(idle.skipped, Some("no open run and nothing pending"));
+}
+
+#[tokio::test]
+async fn closing_a_run_removes_the_objects_no_task_holds() {
+    let world = World::new(1000);
+    world.add_tasks(1).await;
+    let run_id = world
+        .dispatcher()
+        .pass(Utc::now(), "d")
+        .await
+        .unwrap()
+        .run_id
+        .unwrap();
+    let kept = ClaimCheck::result_key(&run_id, "task-000", "m1-2");
+    let duplicate = ClaimCheck::result_key(&run_id, "task-000", "m1-1");
+    let checkpoint = ClaimCheck::checkpoint_key(&run_id, "task-000");
+    let elsewhere = ClaimCheck::payload_key("task-000");
+    for key in [&kept, &duplicate, &checkpoint, &elsewhere] {
+        world.blobs.put(key, b"{}".to_vec()).await.unwrap();
+    }
+    let result = TaskResult {
+        task_id: "task-000".into(),
+        run_id: run_id.clone(),
+        instance_id: "i-1".into(),
+        attempts: 2,
+        started_at: Utc::now(),
+        finished_at: Utc::now(),
+        outcome: TaskOutcome::Done {
+            result: Blob::Stored { key: kept.clone() },
+            summary: "ok".into(),
+        },
+    };
+    world.store.record_results(&[result]).await.unwrap();
+    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    assert!(pass.closed);
+    assert_eq!(pass.swept, 2);
+    let mut left = world.blobs.keys();
+    left.sort();
+    assert_eq!(left, vec![elsewhere, kept]);
 }

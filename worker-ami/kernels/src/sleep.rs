@@ -1,6 +1,7 @@
 //! `sleep`: waits `seconds`, for tests of the machinery around kernels.
 //! Payload `{"seconds": 1.5}`, and optionally `"fail": "an error"` (a
-//! permanent failure), `"data": ...` (carried and ignored, to test payloads
+//! permanent failure), `"fail_retryable": "an error"` (one that fails every
+//! attempt, until the queue's delivery limit), `"data": ...` (carried and ignored, to test payloads
 //! of any size) and `"result_bytes": n` (a result of that size).
 //! It stops early when asked and checkpoints the time already slept.
 
@@ -19,6 +20,8 @@ struct SleepInput {
     seconds: f64,
     #[serde(default)]
     fail: Option<String>,
+    #[serde(default)]
+    fail_retryable: Option<String>,
     #[serde(default)]
     data: Option<Value>,
     #[serde(default)]
@@ -47,6 +50,9 @@ impl Kernel for SleepKernel {
         }
         if let Some(message) = input.fail {
             return Err(KernelError::Permanent(message));
+        }
+        if let Some(message) = input.fail_retryable {
+            return Err(KernelError::Retryable(message));
         }
         if input.result_bytes > MAX_RESULT_BYTES {
             return Err(KernelError::Permanent(format!(
