@@ -198,6 +198,36 @@ impl Suite<'_> {
             }],
             "another request sees whose it is while it is staged"
         );
+        // A request that died leaves its task STAGED; a retry after a while
+        // takes it over.
+        let mut abandoned = self.task("keyed-abandoned", json!({"seconds": 0}));
+        abandoned.idempotency = Some(Idempotency {
+            key: "k2".into(),
+            request_digest: "d2".into(),
+        });
+        abandoned.created_at =
+            Utc::now() - crate::rules::STAGED_ABANDONED_AFTER - chrono::TimeDelta::seconds(5);
+        self.store
+            .stage("req-dead", std::slice::from_ref(&abandoned))
+            .await
+            .unwrap();
+        let mut retry = abandoned.clone();
+        retry.created_at = Utc::now();
+        assert_eq!(
+            self.store
+                .stage("req-retry", std::slice::from_ref(&retry))
+                .await
+                .unwrap(),
+            vec![InsertOutcome::Inserted]
+        );
+        self.store
+            .commit("req-retry", std::slice::from_ref(&retry))
+            .await
+            .unwrap();
+        assert_eq!(
+            self.store.task(&retry.id).await.unwrap().unwrap().status,
+            TaskStatus::Pending
+        );
         self.store
             .commit("req-a", std::slice::from_ref(&task))
             .await
@@ -216,7 +246,7 @@ impl Suite<'_> {
         );
         let run = self.open().await;
         self.store
-            .mark_queued(&run, std::slice::from_ref(&task.id))
+            .mark_queued(&run, &[task.id.clone(), retry.id.clone()])
             .await
             .unwrap();
         self.store.close_run(&run, Utc::now()).await.unwrap();

@@ -20,7 +20,7 @@ use crate::ports::{
     Received, RecordOutcome, ResultRecorder, RunReader, RunStore, TaskReader, TaskWriter,
     WorkerInstance,
 };
-use crate::rules::{TaskChange, TaskFacts};
+use crate::rules::{TaskChange, TaskFacts, staged_abandoned};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
@@ -196,14 +196,21 @@ impl TaskWriter for MemoryStore {
         network().await;
         self.faults.check("stage")?;
         let mut state = lock(&self.state);
+        let now = Utc::now();
         Ok(tasks
             .iter()
             .map(|task| match state.tasks.get(&task.id) {
-                Some(existing) if task.idempotency.is_some() => InsertOutcome::Exists {
-                    request_digest: existing.task.request_digest.clone(),
-                    staged_by: (existing.task.status == TaskStatus::Staged)
-                        .then(|| existing.request_id.clone()),
-                },
+                Some(existing)
+                    if task.idempotency.is_some()
+                        && !(existing.task.status == TaskStatus::Staged
+                            && staged_abandoned(existing.task.created_at, now)) =>
+                {
+                    InsertOutcome::Exists {
+                        request_digest: existing.task.request_digest.clone(),
+                        staged_by: (existing.task.status == TaskStatus::Staged)
+                            .then(|| existing.request_id.clone()),
+                    }
+                }
                 _ => {
                     state
                         .tasks

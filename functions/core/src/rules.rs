@@ -102,6 +102,19 @@ impl TaskChange<'_> {
     }
 }
 
+/// How long a task may stay STAGED before its request counts as dead (no
+/// request lives this long: API Gateway gives up after 30 s): a retry of it
+/// may then take the task over instead of waiting for the TTL.
+pub const STAGED_ABANDONED_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(120);
+
+/// Whether a STAGED task written at `staged_at` was abandoned by its request.
+pub fn staged_abandoned(
+    staged_at: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    now - staged_at > STAGED_ABANDONED_AFTER
+}
+
 /// A run's counters may only move forward, and a run closes only when every
 /// task it queued has ended.
 pub fn run_may_close(queued: u64, ended: u64, anything_pending: bool) -> bool {

@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::model::Idempotency;
 use nightshift_core::ports::InsertOutcome;
+use nightshift_core::rules::staged_abandoned;
 use nightshift_core::{Blob, NewTask, Task, TaskStatus};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -110,6 +111,10 @@ async fn earlier_tries(api: &Api, tasks: &[NewTask]) -> Result<HashSet<String>, 
             return Err(conflict(i, tasks.len()));
         }
         if found.status == TaskStatus::Staged {
+            if staged_abandoned(found.created_at, Utc::now()) {
+                // Its request died: this one takes the task over.
+                continue;
+            }
             return Err(in_progress(i, tasks.len()));
         }
         retried.insert(found.id);

@@ -17,9 +17,12 @@ use crate::Error;
 use crate::aws::{build_error, classify};
 use crate::model::{NewTask, Task, TaskStatus};
 use crate::ports::{InsertOutcome, TaskReader, TaskWriter};
+use crate::rules::STAGED_ABANDONED_AFTER;
 
 /// How long a STAGED task outlives a request that died before it ended.
 const STAGED_TTL_SECONDS: i64 = 24 * 3600;
+const NEW_TASK_CONDITION: &str =
+    "attribute_not_exists(pk) OR (#status = :staged AND #created_at < :cutoff)";
 
 impl DynamoStore {
     /// The item of a task written by `request_id`: STAGED, or PENDING once
@@ -69,6 +72,23 @@ impl DynamoStore {
             .map_err(|e| build_error("Put", e))
     }
 
+    /// A keyed task's put: only if no task has its id, or the one that has
+    /// it was abandoned STAGED by a request that died.
+    fn put_new_task(&self, item: Item) -> Result<TransactWriteItem, Error> {
+        let cutoff = timestamp(Utc::now() - STAGED_ABANDONED_AFTER);
+        Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(NEW_TASK_CONDITION)
+            .expression_attribute_names("#status", STATUS)
+            .expression_attribute_names("#created_at", CREATED_AT)
+            .expression_attribute_values(":staged", s(TaskStatus::Staged.as_str()))
+            .expression_attribute_values(":cutoff", s(&cutoff))
+            .build()
+            .map(|put| TransactWriteItem::builder().put(put).build())
+            .map_err(|e| build_error("Put", e))
+    }
+
     /// What exists under an id that refused a conditional insert.
     async fn existing(&self, task_id: &str) -> Result<InsertOutcome, Error> {
         let item = self.get(task_key(task_id)).await?;
@@ -85,12 +105,17 @@ impl DynamoStore {
     }
 
     async fn insert_one(&self, item: Item, task_id: &str) -> Result<InsertOutcome, Error> {
+        let Some(put) = self.put_new_task(item)?.put else {
+            return Err(Error::permanent("PutItem", "no put"));
+        };
         let result = self
             .client
             .put_item()
-            .table_name(&self.table)
-            .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
+            .table_name(put.table_name)
+            .set_item(Some(put.item))
+            .set_condition_expression(put.condition_expression)
+            .set_expression_attribute_names(put.expression_attribute_names)
+            .set_expression_attribute_values(put.expression_attribute_values)
             .send()
             .await;
         match result {
@@ -122,7 +147,7 @@ impl DynamoStore {
             while !group.is_empty() {
                 let puts = group
                     .iter()
-                    .map(|(_, item)| self.put_if_absent(item.clone()))
+                    .map(|(_, item)| self.put_new_task(item.clone()))
                     .collect::<Result<Vec<_>, Error>>()?;
                 let codes = match self.transact(puts).await? {
                     Transaction::Committed => {
