@@ -202,6 +202,7 @@ impl Worker {
             context.ports.tasks.clone(),
             held.clone(),
             visibility,
+            MAX_HIDDEN,
         ));
         let (interrupt_tx, mut interrupted) = watch::channel(false);
         let spot_watch = tokio::spawn(watch_spot(context.clone(), interrupt_tx));
@@ -373,18 +374,24 @@ async fn stop_running(
 }
 
 /// Keeps every held message invisible: extends its visibility to the
-/// queue's timeout every third of that timeout, never past SQS's 12 hours
-/// from receipt. A task that nears those 12 hours is asked to stop at a
-/// safe point and is handed back as a continuation, which starts anew.
-async fn heartbeat(queue: Arc<dyn Queue>, held: Arc<Held>, visibility: Duration) {
-    let every = (visibility / 3).max(Duration::from_millis(200));
-    let renew_before = visibility * 2 + Duration::from_secs(60);
+/// queue's timeout every third of that timeout, never past `max_hidden`
+/// (SQS's 12 hours) from receipt. A task that nears it is asked to stop at
+/// a safe point and is handed back as a continuation, which starts anew.
+async fn heartbeat(
+    queue: Arc<dyn Queue>,
+    held: Arc<Held>,
+    visibility: Duration,
+    max_hidden: Duration,
+) {
+    let every = (visibility / 3).max(Duration::from_millis(100));
+    // Two timeouts and a minute (at 12 hours) of room to hand it back.
+    let renew_before = visibility * 2 + max_hidden / 720;
     let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
     loop {
         ticks.tick().await;
         let mut extend: Vec<(String, Duration)> = Vec::new();
         for (receipt, entry) in held.lock().iter() {
-            let left = MAX_HIDDEN.saturating_sub(entry.received_at.elapsed());
+            let left = max_hidden.saturating_sub(entry.received_at.elapsed());
             if left <= renew_before {
                 entry.control.request_stop();
             }
