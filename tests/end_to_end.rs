@@ -253,7 +253,7 @@ async fn a_result_delivered_twice_is_recorded_once() {
         started_at: Utc::now(),
         finished_at: Utc::now(),
         outcome: TaskOutcome::Done {
-            result: Blob::Inline(json!({"other": true})),
+            result: Blob::json(&json!({"other": true})),
             summary: "duplicate".into(),
         },
     });

@@ -15,7 +15,7 @@ fn new_task(id: &str, payload: serde_json::Value) -> NewTask {
         id: id.into(),
         account: format!("acct-{id}"),
         kernel: "sleep".into(),
-        payload: Blob::Inline(payload),
+        payload: Blob::json(&payload),
         created_at: Utc::now(),
         idempotency: None,
     }
@@ -48,7 +48,7 @@ fn result(task: &str) -> Envelope {
         started_at: Utc::now(),
         finished_at: Utc::now(),
         outcome: TaskOutcome::Done {
-            result: Blob::Inline(json!({"v": 1})),
+            result: Blob::json(&json!({"v": 1})),
             summary: "v=1".into(),
         },
     })
@@ -134,7 +134,7 @@ async fn attempts_count_once_and_dead_letters_fail_the_task_with_its_last_error(
         run_id: "r1".into(),
         account: "acct-t1".into(),
         kernel: "sleep".into(),
-        payload: Blob::Inline(json!(1)),
+        payload: Blob::json(&json!(1)),
         checkpoint_key: None,
         prior_attempts: 0,
     });
@@ -187,7 +187,7 @@ async fn a_result_too_large_for_its_item_fails_its_task_and_the_run_can_end() {
         unreachable!()
     };
     big.outcome = TaskOutcome::Done {
-        result: Blob::Inline(json!({"data": "r".repeat(300_000)})),
+        result: Blob::json(&json!({"data": "r".repeat(300_000)})),
         summary: "big".into(),
     };
     let batch = [

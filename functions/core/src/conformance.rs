@@ -75,7 +75,7 @@ impl Suite<'_> {
             id: format!("{}-{name}", self.tag),
             account: format!("acct-{name}"),
             kernel: "sleep".into(),
-            payload: Blob::Inline(payload),
+            payload: Blob::json(&payload),
             created_at: Utc::now(),
             idempotency: None,
         }
@@ -127,7 +127,7 @@ impl Suite<'_> {
 
     fn done(value: serde_json::Value) -> TaskOutcome {
         TaskOutcome::Done {
-            result: Blob::Inline(value),
+            result: Blob::json(&value),
             summary: "ok".into(),
         }
     }

@@ -127,11 +127,7 @@ impl MemoryStore {
     }
 
     fn stored(&self, task: &NewTask, request_id: &str) -> StoredTask {
-        let bytes = 512
-            + match &task.payload {
-                crate::Blob::Inline(value) => value.to_string().len(),
-                crate::Blob::Stored { key } => key.len(),
-            };
+        let bytes = 512 + task.payload.inline_bytes();
         StoredTask {
             task: Task {
                 id: task.id.clone(),
@@ -333,7 +329,7 @@ impl PendingTasks for MemoryStore {
                         .task
                         .payload
                         .clone()
-                        .unwrap_or(crate::Blob::Inline(serde_json::Value::Null)),
+                        .unwrap_or_else(|| crate::Blob::json(&serde_json::Value::Null)),
                 },
             ));
         }
@@ -376,11 +372,8 @@ impl ResultRecorder for MemoryStore {
                     run_id: &result.run_id,
                 };
                 let result_bytes = match &result.outcome {
-                    TaskOutcome::Done {
-                        result: crate::Blob::Inline(value),
-                        ..
-                    } => value.to_string().len(),
-                    _ => 0,
+                    TaskOutcome::Done { result, .. } => result.inline_bytes(),
+                    TaskOutcome::Failed { .. } => 0,
                 };
                 let too_large = state
                     .tasks

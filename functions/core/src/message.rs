@@ -7,7 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::Blob;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Written with its `type` tag beside the fields of its variant. Read in
+/// two steps (the tag, then the variant) rather than by serde's tagged
+/// enums, which buffer the document and so cannot carry an inline payload
+/// as its raw text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Envelope {
     /// On the task queue: work for a worker. On the dead-letter queue: a
@@ -30,7 +34,21 @@ impl Envelope {
     }
 
     pub fn from_json(body: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(body)
+        #[derive(Deserialize)]
+        struct Tag {
+            r#type: String,
+        }
+        let tag: Tag = serde_json::from_str(body)?;
+        match tag.r#type.as_str() {
+            "task" => serde_json::from_str(body).map(Self::Task),
+            "result" => serde_json::from_str(body).map(Self::Result),
+            "attempt_failed" => serde_json::from_str(body).map(Self::AttemptFailed),
+            "interrupted" => serde_json::from_str(body).map(Self::Interrupted),
+            other => Err(serde::de::Error::unknown_variant(
+                other,
+                &["task", "result", "attempt_failed", "interrupted"],
+            )),
+        }
     }
 
     pub fn task_id(&self) -> &str {
@@ -79,10 +97,35 @@ impl TaskResult {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
+#[serde(tag = "status", rename_all = "snake_case", try_from = "OutcomeFields")]
 pub enum TaskOutcome {
     Done { result: Blob, summary: String },
     Failed { error: String },
+}
+
+/// A [`TaskOutcome`] as read: its fields side by side, so that the result
+/// keeps its raw text (see [`Envelope`]).
+#[derive(Deserialize)]
+struct OutcomeFields {
+    status: String,
+    result: Option<Blob>,
+    summary: Option<String>,
+    error: Option<String>,
+}
+
+impl TryFrom<OutcomeFields> for TaskOutcome {
+    type Error = String;
+
+    fn try_from(fields: OutcomeFields) -> Result<Self, Self::Error> {
+        match (fields.status.as_str(), fields.result, fields.error) {
+            ("done", Some(result), _) => Ok(Self::Done {
+                result,
+                summary: fields.summary.unwrap_or_default(),
+            }),
+            ("failed", _, Some(error)) => Ok(Self::Failed { error }),
+            (status, _, _) => Err(format!("an outcome `{status}` without its fields")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +167,26 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_payload_travels_as_its_own_text() {
+        let text = r#"{"b": 1.50, "a": [1,  2]}"#;
+        let message = Envelope::Task(TaskMessage {
+            task_id: "t1".into(),
+            run_id: "r1".into(),
+            account: "acct".into(),
+            kernel: "sleep".into(),
+            payload: Blob::from_text(text.to_owned()).unwrap(),
+            checkpoint_key: None,
+            prior_attempts: 0,
+        });
+        let body = message.to_json();
+        assert!(body.contains(text), "verbatim, not rewritten: {body}");
+        let Envelope::Task(read) = Envelope::from_json(&body).unwrap() else {
+            panic!("a task");
+        };
+        assert!(matches!(&read.payload, Blob::Inline(raw) if raw.get() == text));
+    }
+
+    #[test]
     fn results_parse_from_the_documented_shape() {
         let body = json!({
             "type": "result", "task_id": "t", "run_id": "r", "instance_id": "i-1",
@@ -135,5 +198,13 @@ mod tests {
             panic!("a result");
         };
         assert_eq!(result.duration_ms(), 2500);
+        assert_eq!(
+            result.outcome,
+            TaskOutcome::Done {
+                result: Blob::json(&json!({"x": 1})),
+                summary: "ok".into()
+            }
+        );
+        assert!(Envelope::from_json(r#"{"type": "later"}"#).is_err());
     }
 }

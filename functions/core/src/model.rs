@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// A task's life (the transitions are in [`crate::rules`]): STAGED while
 /// the request that brings it is being written, PENDING until a dispatcher
@@ -83,12 +84,50 @@ pub fn timestamp(at: DateTime<Utc>) -> String {
 }
 
 /// A JSON document carried inline, or stored in the payload bucket under a
-/// key when it is over the inline limit (the claim check).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// key when it is over the inline limit (the claim check). Inline, it is
+/// kept as its text: checked once where it enters (the API, a kernel's
+/// result) and then carried verbatim through the table and the queues,
+/// never parsed and written again on the way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Blob {
-    Inline(Value),
+    Inline(Box<RawValue>),
     Stored { key: String },
+}
+
+impl Blob {
+    /// A document inline, written once from its value.
+    pub fn json(value: &Value) -> Self {
+        // Writing a `Value` as JSON cannot fail.
+        Self::Inline(serde_json::value::to_raw_value(value).unwrap_or_else(|_| null()))
+    }
+
+    /// A document inline from its text, which must be JSON.
+    pub fn from_text(text: String) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(text).map(Self::Inline)
+    }
+
+    /// The bytes of the document when it is inline, else 0.
+    pub fn inline_bytes(&self) -> usize {
+        match self {
+            Self::Inline(raw) => raw.get().len(),
+            Self::Stored { .. } => 0,
+        }
+    }
+}
+
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).unwrap_or_default()
+}
+
+impl PartialEq for Blob {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Inline(a), Self::Inline(b)) => a.get() == b.get(),
+            (Self::Stored { key: a }, Self::Stored { key: b }) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// A task as accepted by the API, before it is written.

@@ -65,7 +65,7 @@ impl World {
                 id: format!("task-{i:03}"),
                 account: format!("acct-{i:03}"),
                 kernel: "sleep".into(),
-                payload: Blob::Inline(payload.clone()),
+                payload: Blob::json(&payload.clone()),
                 created_at: Utc::now(),
                 idempotency: None,
             })
@@ -100,7 +100,7 @@ impl World {
                 started_at: Utc::now(),
                 finished_at: Utc::now(),
                 outcome: TaskOutcome::Done {
-                    result: Blob::Inline(json!(1)),
+                    result: Blob::json(&json!(1)),
                     summary: "ok".into(),
                 },
             })

@@ -80,7 +80,11 @@ fn new_task(request: &TaskRequest, now: chrono::DateTime<Utc>) -> NewTask {
 /// A digest of what the task asks for, to tell a retry from a key reused
 /// for different work.
 fn digest(request: &TaskRequest) -> String {
-    let text = json!([request.account, request.kernel, request.payload]).to_string();
+    let text = format!(
+        "{}\0{}",
+        json!([request.account, request.kernel]),
+        request.payload
+    );
     Uuid::new_v5(&TASK_ID_NAMESPACE, text.as_bytes()).to_string()
 }
 
@@ -196,11 +200,11 @@ async fn stage_and_commit(
     let batch = fresh.len();
     let mut tasks = Vec::with_capacity(batch);
     for (mut task, request) in fresh {
-        if !api.claim_check.payload_inline(request.payload_bytes) {
+        if !api.claim_check.payload_inline(request.payload.get().len()) {
             let key = ClaimCheck::payload_key(&task.id);
             written.payload_keys.push(key.clone());
             api.blobs
-                .put(&key, request.payload.to_string().into_bytes())
+                .put(&key, request.payload.get().as_bytes().to_vec())
                 .await
                 .map_err(ApiError::from_store)?;
             task.payload = Blob::Stored { key };

@@ -2,17 +2,18 @@
 //! is written until the whole body is valid.
 
 use axum::http::StatusCode;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
 /// One task as the client described it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct TaskRequest {
     pub account: String,
     pub kernel: String,
-    pub payload: Value,
-    pub payload_bytes: usize,
+    /// The payload's JSON text, written once here and carried as it is.
+    pub payload: Box<RawValue>,
     pub idempotency_key: Option<String>,
 }
 
@@ -154,7 +155,10 @@ fn parse_task(
         }
         Some(payload) => payload.clone(),
     };
-    let payload_bytes = payload.to_string().len();
+    let payload = serde_json::value::to_raw_value(&payload).map_err(|e| {
+        ApiError::invalid("invalid_value", format!("{prefix}payload"), e.to_string())
+    })?;
+    let payload_bytes = payload.get().len();
     if payload_bytes > limits.max_payload_bytes {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -193,7 +197,6 @@ fn parse_task(
         account,
         kernel,
         payload,
-        payload_bytes,
         idempotency_key,
     })
 }

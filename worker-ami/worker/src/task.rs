@@ -166,7 +166,9 @@ async fn load_inputs(
     task: &TaskMessage,
 ) -> Result<(Value, Option<Vec<u8>>), KernelError> {
     let payload = match &task.payload {
-        Blob::Inline(value) => value.clone(),
+        // The one place the payload is parsed: the kernel reads it.
+        Blob::Inline(raw) => serde_json::from_str(raw.get())
+            .map_err(|e| KernelError::Permanent(format!("payload is not JSON: {e}")))?,
         Blob::Stored { key } => {
             let bytes = context.ports.blobs.get(key).await.map_err(|e| {
                 KernelError::Retryable(format!("could not read payload {key}: {e}"))
@@ -210,16 +212,12 @@ async fn store_if_large(
     value: Value,
 ) -> Result<Blob, nightshift_core::Error> {
     let text = value.to_string();
-    let payload_bytes = match &task.payload {
-        Blob::Inline(payload) => payload.to_string().len(),
-        Blob::Stored { .. } => 0,
-    };
     if context
         .settings
         .claim_check
-        .result_inline(text.len(), payload_bytes)
+        .result_inline(text.len(), task.payload.inline_bytes())
     {
-        return Ok(Blob::Inline(value));
+        return Blob::from_text(text).map_err(|e| nightshift_core::Error::malformed("result", e));
     }
     let delivery = format!("{}-{}", message.message_id, message.receive_count);
     let key = ClaimCheck::result_key(&task.run_id, &task.task_id, &delivery);

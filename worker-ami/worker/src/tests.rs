@@ -84,7 +84,7 @@ impl Rig {
             run_id: run.into(),
             account: format!("acct-{id}"),
             kernel: kernel.into(),
-            payload: Blob::Inline(payload),
+            payload: Blob::json(&payload),
             checkpoint_key: None,
             prior_attempts: 0,
         });
@@ -394,7 +394,7 @@ async fn heartbeats_never_ask_past_the_longest_hiding_and_near_it_the_task_is_ha
         run_id: "r1".into(),
         account: "a".into(),
         kernel: "sleep".into(),
-        payload: Blob::Inline(json!(1)),
+        payload: Blob::json(&json!(1)),
         checkpoint_key: None,
         prior_attempts: 0,
     };

@@ -149,7 +149,7 @@ pub(super) fn blob_attribute(
     blob: &Blob,
 ) -> (&'static str, AttributeValue) {
     match blob {
-        Blob::Inline(value) => (inline, s(&value.to_string())),
+        Blob::Inline(raw) => (inline, s(raw.get())),
         Blob::Stored { key } => (stored, s(key)),
     }
 }
@@ -160,8 +160,9 @@ pub(super) fn blob_from_item(
     stored: &str,
 ) -> Result<Option<Blob>, Error> {
     if let Some(text) = opt_s(item, inline) {
-        let value = serde_json::from_str(&text).map_err(|e| Error::malformed("stored JSON", e))?;
-        return Ok(Some(Blob::Inline(value)));
+        return Blob::from_text(text)
+            .map(Some)
+            .map_err(|e| Error::malformed("stored JSON", e));
     }
     Ok(opt_s(item, stored).map(|key| Blob::Stored { key }))
 }

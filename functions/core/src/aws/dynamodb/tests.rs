@@ -45,7 +45,7 @@ fn result(task_id: &str) -> TaskResult {
         started_at: Utc::now(),
         finished_at: Utc::now(),
         outcome: TaskOutcome::Done {
-            result: Blob::Inline(json!({"x": 1})),
+            result: Blob::json(&json!({"x": 1})),
             summary: "ok".into(),
         },
     }
@@ -149,7 +149,7 @@ async fn unprocessed_batch_writes_are_retried() {
         id: "t1".into(),
         account: "a".into(),
         kernel: "sleep".into(),
-        payload: Blob::Inline(json!({"seconds": 1})),
+        payload: Blob::json(&json!({"seconds": 1})),
         created_at: Utc::now(),
         idempotency: None,
     };
