@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use nightshift_core::{Envelope, TaskOutcome, TaskResult};
+use nightshift_core::TaskOutcome;
 use nightshift_e2e::Stack;
 use serde_json::{Value, json};
 
@@ -333,23 +333,14 @@ async fn send_duplicate(stack: &Stack, run_id: &str, dice: &mut Dice) -> bool {
         return false;
     }
     let line = done[dice.below(done.len() as u64) as usize];
-    let duplicate = Envelope::Result(TaskResult {
-        task_id: line["task_id"].as_str().unwrap_or_default().to_owned(),
-        run_id: run_id.to_owned(),
-        instance_id: "i-0duplicate".into(),
-        attempts: 9,
-        started_at: Utc::now(),
-        finished_at: Utc::now(),
-        outcome: TaskOutcome::Failed {
-            error: "a duplicate must change nothing".into(),
-        },
-    });
+    let outcome = TaskOutcome::Failed {
+        error: "a duplicate must change nothing".into(),
+    };
     stack
-        .sqs
-        .send_message()
-        .queue_url(&stack.env["NIGHTSHIFT_RESULT_QUEUE_URL"])
-        .message_body(duplicate.to_json())
-        .send()
+        .send_duplicate_result(
+            line["task_id"].as_str().unwrap_or_default(),
+            run_id,
+            outcome,
+        )
         .await
-        .is_ok()
 }

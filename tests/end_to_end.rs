@@ -4,8 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use chrono::Utc;
-use nightshift_core::{Blob, Envelope, TaskOutcome, TaskResult};
+use nightshift_core::{Blob, TaskOutcome};
 use nightshift_e2e::Stack;
 use serde_json::{Value, json};
 
@@ -245,27 +244,16 @@ async fn a_result_delivered_twice_is_recorded_once() {
         .request("GET", &format!("/tasks/{}", ids[0]), None)
         .await;
 
-    let duplicate = Envelope::Result(TaskResult {
-        task_id: ids[0].clone(),
-        run_id: run_id.clone(),
-        instance_id: "i-0duplicate".into(),
-        attempts: 1,
-        started_at: Utc::now(),
-        finished_at: Utc::now(),
-        outcome: TaskOutcome::Done {
-            result: Blob::json(&json!({"other": true})),
-            summary: "duplicate".into(),
-        },
-    });
+    let duplicate = TaskOutcome::Done {
+        result: Blob::json(&json!({"other": true})),
+        summary: "duplicate".into(),
+    };
     for _ in 0..2 {
-        stack
-            .sqs
-            .send_message()
-            .queue_url(&stack.env["NIGHTSHIFT_RESULT_QUEUE_URL"])
-            .message_body(duplicate.to_json())
-            .send()
-            .await
-            .unwrap();
+        assert!(
+            stack
+                .send_duplicate_result(&ids[0], &run_id, duplicate.clone())
+                .await
+        );
     }
     stack
         .eventually(

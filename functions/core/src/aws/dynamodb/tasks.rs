@@ -228,7 +228,7 @@ impl TaskWriter for DynamoStore {
         // Only what this request wrote and no dispatcher has queued yet.
         let mut ids: Vec<&String> = task_ids.iter().collect();
         for attempt in 0u32.. {
-            let mut refused = Vec::new();
+            let mut again = Vec::new();
             for group in ids.chunks(TRANSACTION_ITEMS) {
                 let deletes = group
                     .iter()
@@ -242,8 +242,8 @@ impl TaskWriter for DynamoStore {
                         ));
                     }
                     // Deletes refused by their condition are not ours to
-                    // make; the others go again.
-                    refused.extend(
+                    // make; the others were cancelled with them and go again.
+                    again.extend(
                         group
                             .iter()
                             .zip(codes)
@@ -252,11 +252,11 @@ impl TaskWriter for DynamoStore {
                     );
                 }
             }
-            if refused.is_empty() {
+            if again.is_empty() {
                 return Ok(());
             }
-            pause_before_retry("TransactWriteItems", attempt, refused.len()).await?;
-            ids = refused;
+            pause_before_retry("TransactWriteItems", attempt, again.len()).await?;
+            ids = again;
         }
         Ok(())
     }
