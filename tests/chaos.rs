@@ -140,7 +140,14 @@ async fn a_night_under_chaos_loses_nothing_and_leaves_nothing_behind() {
             Ok(answer) => answer.json().await.unwrap_or_default(),
             Err(_) => Vec::new(),
         };
-        match dice.below(6) {
+        // Each kind of chaos happens at least once, the rest by the dice.
+        let action = match (kills, interruptions, duplicates) {
+            (0, _, _) if !running.is_empty() => 0,
+            (_, 0, _) if !running.is_empty() => 1,
+            (_, _, 0) => 2,
+            _ => dice.below(6),
+        };
+        match action {
             0 if !running.is_empty() && kills < max_kills => {
                 let instance = &running[dice.below(running.len() as u64) as usize];
                 if kill(&stack, instance).await {
@@ -269,6 +276,10 @@ async fn a_night_under_chaos_loses_nothing_and_leaves_nothing_behind() {
     );
     assert!(orphans.is_empty(), "objects no task holds: {orphans:?}");
     assert!(injected > 0, "faults were injected");
+    assert!(
+        kills > 0 && interruptions > 0 && duplicates > 0,
+        "every kind of chaos happened: kills={kills} interruptions={interruptions} duplicates={duplicates}"
+    );
     println!(
         "tasks={} kills={kills} interruptions={interruptions} duplicates={duplicates} injected_faults={injected} lost={lost} double_recorded={double_recorded} stuck={stuck} orphans={}",
         task_items.len(),
