@@ -37,7 +37,7 @@ const LOCAL_PARAMETERS: [(&str, &str); 6] = [
     ("MaxInstances", "5"),
     ("SlotsPerInstance", "2"),
     ("MaxQueuedPerRun", "500"),
-    ("StrayGraceSeconds", "60"),
+    ("StrayGraceSeconds", "300"),
 ];
 
 #[derive(Debug, Clone)]
