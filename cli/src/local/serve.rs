@@ -172,8 +172,9 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
             output("PayloadBucketName")?,
         )),
         trigger: Arc::new(NotifyTrigger(wake.clone())),
-        limits: Limits::with_builtin_kernels(
+        limits: Limits::new(
             usize::try_from(number("MaxPayloadBytes")?).unwrap_or(usize::MAX),
+            parameters.get("WorkerKernels").map_or("", String::as_str),
         )
         .with_programs(parameters.get("ProgramKernels").map_or("", String::as_str)),
         claim_check: ClaimCheck::new(

@@ -359,5 +359,16 @@ Outputs:
             Some("terminate"),
             "a worker's instance that powers off is terminated"
         );
+        // The API accepts the kernels the workers have, and defaults to theirs.
+        let mut configured: Vec<String> = template.parameter_defaults()["WorkerKernels"]
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            configured.first().map(String::as_str),
+            Some(nightshift_kernels::DEFAULT_KERNEL)
+        );
+        configured.sort();
+        assert_eq!(configured, nightshift_kernels::builtin_names());
     }
 }

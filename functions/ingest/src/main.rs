@@ -36,7 +36,7 @@ async fn main() -> Result<(), lambda_http::Error> {
             aws_sdk_lambda::Client::new(&aws),
             dispatcher,
         )),
-        limits: Limits::with_builtin_kernels(max_payload_bytes)
+        limits: Limits::new(max_payload_bytes, &config::required("NIGHTSHIFT_KERNELS")?)
             .with_programs(&std::env::var("NIGHTSHIFT_PROGRAM_KERNELS").unwrap_or_default()),
         claim_check: ClaimCheck::new(inline_limit),
     };

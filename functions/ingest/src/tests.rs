@@ -14,6 +14,9 @@ use tower::ServiceExt;
 
 use super::*;
 
+/// The kernels the workers have, as the template configures them.
+const KERNELS: &str = "sleep,portfolio-risk";
+
 #[derive(Default)]
 struct RecordingTrigger {
     runs: Mutex<Vec<String>>,
@@ -38,7 +41,7 @@ fn fixture() -> Fixture {
     let store = Arc::new(MemoryStore::default());
     let blobs = Arc::new(MemoryBlobs::default());
     let trigger = Arc::new(RecordingTrigger::default());
-    let mut limits = Limits::with_builtin_kernels(4096);
+    let mut limits = Limits::new(4096, KERNELS);
     limits.max_batch = 5;
     let router = router(Api {
         writer: store.clone(),
@@ -351,7 +354,7 @@ async fn a_key_claimed_by_a_concurrent_request_refuses_all_of_this_one() {
     let other = json!({"account": "k", "payload": "other work", "idempotency_key": "key-1"});
     let (status, _) = call(&f.router, "POST", "/tasks", &other.to_string()).await;
     assert_eq!(status, StatusCode::CREATED);
-    let mut limits = Limits::with_builtin_kernels(4096);
+    let mut limits = Limits::new(4096, KERNELS);
     limits.max_batch = 5;
     let racing = router(Api {
         writer: f.store.clone(),

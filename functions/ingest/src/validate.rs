@@ -26,23 +26,33 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The API's limits with the kernels every worker has built in.
-    pub fn with_builtin_kernels(max_payload_bytes: usize) -> Self {
+    /// The API's limits. `kernels` names the kernels built into the
+    /// workers (configuration, comma-separated); the first is the one a
+    /// task that names none runs.
+    pub fn new(max_payload_bytes: usize, kernels: &str) -> Self {
+        let kernels = names(kernels);
         Self {
             max_batch: 1000,
             max_payload_bytes,
-            kernels: nightshift_kernels::builtin_names(),
-            default_kernel: nightshift_kernels::DEFAULT_KERNEL.to_owned(),
+            default_kernel: kernels.first().cloned().unwrap_or_default(),
+            kernels,
         }
     }
 
     /// Also accepts the programs the workers' image offers, given as a
     /// comma-separated list of names.
-    pub fn with_programs(mut self, names: &str) -> Self {
-        let names = names.split(',').map(str::trim).filter(|n| !n.is_empty());
-        self.kernels.extend(names.map(str::to_owned));
+    pub fn with_programs(mut self, programs: &str) -> Self {
+        self.kernels.extend(names(programs));
         self
     }
+}
+
+fn names(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 const MAX_ACCOUNT_LEN: usize = 128;
