@@ -28,6 +28,8 @@ pub enum CliError {
     },
     #[error(transparent)]
     Template(#[from] local::template::TemplateError),
+    #[error("configuration: {0}")]
+    Config(#[from] nightshift_core::config::ConfigError),
     #[error("the API answered {status}: {body}")]
     Api { status: u16, body: String },
     #[error("cannot reach the API at {url}: {source}")]

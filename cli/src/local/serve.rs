@@ -15,9 +15,8 @@ use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::ec2::SpotFleet;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
-use nightshift_core::limits::ClaimCheck;
 use nightshift_dispatcher::{Dispatcher, Settings as DispatchSettings};
-use nightshift_ingest::{Api, DispatchTrigger, Limits};
+use nightshift_ingest::{Api, DispatchTrigger};
 use tokio::process::Command;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, watch};
@@ -122,7 +121,6 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| CliError::Local(format!("parameter {name} is not a number")))
     };
-    let shards = u32::try_from(number("PendingShards")?).unwrap_or(8);
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -153,10 +151,17 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         }
         None => (aws.clone(), None),
     };
+    // Each function's configuration, read as on AWS from the environment
+    // the template declares for it.
+    let environment =
+        |function: &str| template.function_environment(function, &parameters, &outputs);
+    let ingest = nightshift_ingest::Config::from_env(&environment("IngestFunction")?)?;
+    let dispatcher = nightshift_dispatcher::Config::from_env(&environment("DispatcherFunction")?)?;
+    let collector = nightshift_collector::Config::from_env(&environment("CollectorFunction")?)?;
     let store = DynamoStore::new(
         nightshift_core::aws::dynamodb::Client::new(&product),
-        output("TableName")?,
-        shards,
+        collector.table,
+        collector.pending_shards,
     );
     let sqs = nightshift_core::aws::sqs::Client::new(&product);
     let direct_sqs = nightshift_core::aws::sqs::Client::new(&aws);
@@ -169,17 +174,11 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         runs: Arc::new(store.clone()),
         blobs: Arc::new(S3Blobs::new(
             nightshift_core::aws::s3::Client::new(&product),
-            output("PayloadBucketName")?,
+            ingest.bucket,
         )),
         trigger: Arc::new(NotifyTrigger(wake.clone())),
-        limits: Limits::new(
-            usize::try_from(number("MaxPayloadBytes")?).unwrap_or(usize::MAX),
-            parameters.get("WorkerKernels").map_or("", String::as_str),
-        )
-        .with_programs(parameters.get("ProgramKernels").map_or("", String::as_str)),
-        claim_check: ClaimCheck::new(
-            usize::try_from(number("InlineLimitBytes")?).unwrap_or(usize::MAX),
-        ),
+        limits: ingest.limits,
+        claim_check: ingest.claim_check,
     };
     let api_listener = bind(options.api_port).await?;
     let api_url = format!(
@@ -195,33 +194,20 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     ));
 
     // The dispatcher, on its schedule and when the API wakes it.
-    let dispatch_settings = DispatchSettings {
-        max_instances: u32::try_from(number("MaxInstances")?).unwrap_or(1),
-        slots_per_instance: u32::try_from(number("SlotsPerInstance")?).unwrap_or(1),
-        max_queued: number("MaxQueuedPerRun")?,
-        pending_shards: shards,
-        lease_ttl: Duration::from_secs(120),
-        max_lifetime: Duration::from_secs(number("WorkerMaxLifetimeSeconds")?),
-        stray_grace: Duration::from_secs(number("StrayGraceSeconds")?),
-    };
-    let instance_types: Vec<String> = parameters
-        .get("InstanceTypes")
-        .map(|t| t.split(',').map(|s| s.trim().to_owned()).collect())
-        .unwrap_or_default();
     let fleet = SpotFleet::new(
         nightshift_core::aws::ec2::Client::new(&product),
-        output("LaunchTemplateId")?,
-        instance_types,
+        dispatcher.launch_template_id,
+        dispatcher.instance_types,
     );
     let dispatch = Arc::new(DispatchPorts {
         store: store.clone(),
-        queue: SqsQueue::new(sqs.clone(), output("TaskQueueUrl")?),
+        queue: SqsQueue::new(sqs.clone(), dispatcher.task_queue_url),
         fleet,
         blobs: S3Blobs::new(
             nightshift_core::aws::s3::Client::new(&product),
-            output("PayloadBucketName")?,
+            dispatcher.bucket,
         ),
-        settings: dispatch_settings,
+        settings: dispatcher.settings,
     });
     // As EventBridge may deliver a tick twice, several loops may run at once.
     for _ in 0..options.dispatchers.max(1) {

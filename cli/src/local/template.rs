@@ -115,6 +115,86 @@ impl Template {
         Ok(document)
     }
 
+    /// The environment the template declares for a function (its own over
+    /// the Globals'), resolved: a parameter is its value, a resource what
+    /// the output that refers to it says, another function a local name.
+    pub fn function_environment(
+        &self,
+        function: &str,
+        parameters: &BTreeMap<String, String>,
+        outputs: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, String>, TemplateError> {
+        let resource = self
+            .resources()?
+            .get(function)
+            .ok_or_else(|| TemplateError::Missing(function.to_owned()))?;
+        let globals = &self.document["Globals"]["Function"]["Environment"]["Variables"];
+        let own = &resource["Properties"]["Environment"]["Variables"];
+        let mut environment = BTreeMap::new();
+        for variables in [globals, own] {
+            for (name, value) in variables.as_object().into_iter().flatten() {
+                environment.insert(name.clone(), self.resolve(value, parameters, outputs)?);
+            }
+        }
+        Ok(environment)
+    }
+
+    fn resolve(
+        &self,
+        value: &Value,
+        parameters: &BTreeMap<String, String>,
+        outputs: &BTreeMap<String, String>,
+    ) -> Result<String, TemplateError> {
+        match value {
+            Value::String(text) => Ok(text.clone()),
+            Value::Number(number) => Ok(number.to_string()),
+            Value::Object(object) if object.contains_key("Ref") => {
+                let name = object["Ref"].as_str().unwrap_or_default();
+                if let Some(value) = parameters.get(name) {
+                    return Ok(value.clone());
+                }
+                let referring = self.document["Outputs"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .find(|(_, output)| output["Value"] == json!({ "Ref": name }))
+                    .and_then(|(output, _)| outputs.get(output));
+                match referring {
+                    Some(value) => Ok(value.clone()),
+                    None if self.resources()?.get(name).is_some_and(|r| {
+                        r["Type"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .starts_with("AWS::Serverless::")
+                    }) =>
+                    {
+                        Ok(format!("local-{name}"))
+                    }
+                    None => Err(TemplateError::Missing(format!("a value for {name}"))),
+                }
+            }
+            Value::Object(object) if object.contains_key("Fn::Join") => {
+                let join = &object["Fn::Join"];
+                let separator = join[0].as_str().unwrap_or_default();
+                match &join[1] {
+                    Value::Array(items) => Ok(items
+                        .iter()
+                        .map(|item| self.resolve(item, parameters, outputs))
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join(separator)),
+                    // A list parameter, which the stack holds comma-separated.
+                    list => Ok(self
+                        .resolve(list, parameters, outputs)?
+                        .split(',')
+                        .map(str::trim)
+                        .collect::<Vec<_>>()
+                        .join(separator)),
+                }
+            }
+            other => Err(TemplateError::Missing(format!("a way to resolve {other}"))),
+        }
+    }
+
     /// A plain setting of a launch template's data (EC2's default applies
     /// when it is not there).
     pub fn launch_template_data(&self, resource: &str, name: &str) -> Option<String> {
@@ -370,5 +450,45 @@ Outputs:
         );
         configured.sort();
         assert_eq!(configured, nightshift_kernels::builtin_names());
+    }
+
+    #[test]
+    fn a_function_environment_resolves_parameters_resources_and_other_functions() {
+        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo test");
+        let template =
+            Template::load(&std::path::Path::new(&manifest_dir).join("../template.yaml")).unwrap();
+        let parameters = template.parameter_defaults();
+        let outputs: BTreeMap<String, String> = [
+            ("TableName", "the-table"),
+            ("TaskQueueUrl", "http://queue"),
+            ("PayloadBucketName", "the-bucket"),
+            ("LaunchTemplateId", "lt-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let dispatcher = template
+            .function_environment("DispatcherFunction", &parameters, &outputs)
+            .unwrap();
+        assert_eq!(
+            dispatcher["NIGHTSHIFT_TABLE"], "the-table",
+            "from the Globals"
+        );
+        assert_eq!(dispatcher["NIGHTSHIFT_TASK_QUEUE_URL"], "http://queue");
+        assert_eq!(
+            dispatcher["NIGHTSHIFT_INSTANCE_TYPES"],
+            parameters["InstanceTypes"]
+        );
+        assert_eq!(
+            dispatcher["NIGHTSHIFT_MAX_INSTANCES"],
+            parameters["MaxInstances"]
+        );
+        let ingest = template
+            .function_environment("IngestFunction", &parameters, &outputs)
+            .unwrap();
+        assert_eq!(
+            ingest["NIGHTSHIFT_DISPATCHER_FUNCTION"],
+            "local-DispatcherFunction"
+        );
     }
 }

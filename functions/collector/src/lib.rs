@@ -13,9 +13,26 @@ use std::panic::AssertUnwindSafe;
 
 use chrono::Utc;
 use futures::FutureExt;
+use nightshift_core::config;
 use nightshift_core::ports::{AttemptKind, RecordOutcome, ResultRecorder};
 use nightshift_core::{Envelope, Error, TaskResult};
 use tracing::Instrument;
+
+/// The collector's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub table: String,
+    pub pending_shards: u32,
+}
+
+impl Config {
+    pub fn from_env(env: &dyn config::Env) -> Result<Self, config::ConfigError> {
+        Ok(Self {
+            table: config::required(env, "NIGHTSHIFT_TABLE")?,
+            pending_shards: config::parsed_or(env, "NIGHTSHIFT_PENDING_SHARDS", 8)?,
+        })
+    }
+}
 
 /// One message as the event source hands it over.
 #[derive(Debug, Clone, PartialEq, Eq)]

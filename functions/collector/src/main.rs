@@ -2,18 +2,19 @@
 
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use lambda_runtime::{LambdaEvent, service_fn};
-use nightshift_collector::{Incoming, collect};
+use nightshift_collector::{Config, Incoming, collect};
 use nightshift_core::aws::dynamodb::DynamoStore;
-use nightshift_core::config;
+use nightshift_core::config::ProcessEnv;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
+    let config = Config::from_env(&ProcessEnv)?;
     let aws = aws_config::load_from_env().await;
     let store = DynamoStore::new(
         nightshift_core::aws::dynamodb::Client::new(&aws),
-        config::required("NIGHTSHIFT_TABLE")?,
-        config::parsed_or("NIGHTSHIFT_PENDING_SHARDS", 8)?,
+        config.table,
+        config.pending_shards,
     );
     let store = &store;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {

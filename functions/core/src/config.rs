@@ -1,5 +1,8 @@
-//! Configuration comes from the environment, read once at start-up.
+//! Configuration comes from an environment, read once at start-up: the
+//! process's on AWS, and on the local stack the one the template declares
+//! for the function, so what the tests run is what is deployed.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 #[derive(Debug, thiserror::Error)]
@@ -10,28 +13,49 @@ pub enum ConfigError {
     Invalid { name: &'static str, value: String },
 }
 
+/// Where configuration is read from.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process's environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
 /// A variable that must be set.
-pub fn required(name: &'static str) -> Result<String, ConfigError> {
-    std::env::var(name)
-        .ok()
+pub fn required(env: &dyn Env, name: &'static str) -> Result<String, ConfigError> {
+    env.var(name)
         .filter(|v| !v.is_empty())
         .ok_or(ConfigError::Missing(name))
 }
 
+/// A variable that may be unset or empty.
+pub fn optional(env: &dyn Env, name: &'static str) -> String {
+    env.var(name).unwrap_or_default()
+}
+
 /// A variable with a default, parsed into `T`.
-pub fn parsed_or<T: FromStr>(name: &'static str, default: T) -> Result<T, ConfigError> {
-    match std::env::var(name) {
-        Ok(value) if !value.is_empty() => value
+pub fn parsed_or<T: FromStr>(
+    env: &dyn Env,
+    name: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    match env.var(name) {
+        Some(value) if !value.is_empty() => value
             .parse()
             .map_err(|_| ConfigError::Invalid { name, value }),
         _ => Ok(default),
     }
-}
-
-/// A required variable parsed into `T`.
-pub fn required_parsed<T: FromStr>(name: &'static str) -> Result<T, ConfigError> {
-    let value = required(name)?;
-    value
-        .parse()
-        .map_err(|_| ConfigError::Invalid { name, value })
 }

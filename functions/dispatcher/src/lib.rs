@@ -24,6 +24,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use nightshift_core::config;
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::limits::sqs_batches;
 use nightshift_core::ports::{
@@ -61,6 +62,44 @@ pub struct Settings {
     /// How long a worker whose run is no longer open may live on (to drain
     /// what it holds) before it is terminated.
     pub stray_grace: Duration,
+}
+
+/// The dispatcher's configuration: its settings and what it reaches.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub table: String,
+    pub bucket: String,
+    pub task_queue_url: String,
+    pub launch_template_id: String,
+    pub instance_types: Vec<String>,
+    pub settings: Settings,
+}
+
+impl Config {
+    pub fn from_env(env: &dyn config::Env) -> Result<Self, config::ConfigError> {
+        let seconds =
+            |name, default| config::parsed_or(env, name, default).map(Duration::from_secs);
+        Ok(Self {
+            table: config::required(env, "NIGHTSHIFT_TABLE")?,
+            bucket: config::required(env, "NIGHTSHIFT_BUCKET")?,
+            task_queue_url: config::required(env, "NIGHTSHIFT_TASK_QUEUE_URL")?,
+            launch_template_id: config::required(env, "NIGHTSHIFT_LAUNCH_TEMPLATE_ID")?,
+            instance_types: config::required(env, "NIGHTSHIFT_INSTANCE_TYPES")?
+                .split(',')
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            settings: Settings {
+                max_instances: config::parsed_or(env, "NIGHTSHIFT_MAX_INSTANCES", 20)?,
+                slots_per_instance: config::parsed_or(env, "NIGHTSHIFT_SLOTS_PER_INSTANCE", 2)?,
+                max_queued: config::parsed_or(env, "NIGHTSHIFT_MAX_QUEUED", 2000)?,
+                pending_shards: config::parsed_or(env, "NIGHTSHIFT_PENDING_SHARDS", 8)?,
+                lease_ttl: seconds("NIGHTSHIFT_LEASE_SECONDS", 120)?,
+                max_lifetime: seconds("NIGHTSHIFT_MAX_LIFETIME_SECONDS", 43_200)?,
+                stray_grace: seconds("NIGHTSHIFT_STRAY_GRACE_SECONDS", 900)?,
+            },
+        })
+    }
 }
 
 /// The ports a pass uses.

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use nightshift_core::config;
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::ports::{BlobStore, RunStore, TaskReader, TaskWriter};
 
@@ -38,6 +39,41 @@ pub struct Api {
     pub limits: Limits,
     /// Which payloads go to the bucket, and under which key.
     pub claim_check: ClaimCheck,
+}
+
+/// The API's configuration: what it reaches and what it accepts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub table: String,
+    pub bucket: String,
+    pub pending_shards: u32,
+    /// The function woken when a run starts.
+    pub dispatcher_function: String,
+    pub limits: Limits,
+    pub claim_check: ClaimCheck,
+}
+
+impl Config {
+    pub fn from_env(env: &dyn config::Env) -> Result<Self, config::ConfigError> {
+        let max_payload_bytes =
+            config::parsed_or(env, "NIGHTSHIFT_MAX_PAYLOAD_BYTES", 6 * 1024 * 1024)?;
+        Ok(Self {
+            table: config::required(env, "NIGHTSHIFT_TABLE")?,
+            bucket: config::required(env, "NIGHTSHIFT_BUCKET")?,
+            pending_shards: config::parsed_or(env, "NIGHTSHIFT_PENDING_SHARDS", 8)?,
+            dispatcher_function: config::required(env, "NIGHTSHIFT_DISPATCHER_FUNCTION")?,
+            limits: Limits::new(
+                max_payload_bytes,
+                &config::required(env, "NIGHTSHIFT_KERNELS")?,
+            )
+            .with_programs(&config::optional(env, "NIGHTSHIFT_PROGRAM_KERNELS")),
+            claim_check: ClaimCheck::new(config::parsed_or(
+                env,
+                "NIGHTSHIFT_INLINE_LIMIT_BYTES",
+                200 * 1024,
+            )?),
+        })
+    }
 }
 
 /// The request body limit: a full batch of the largest payloads, with room

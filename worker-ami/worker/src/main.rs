@@ -8,7 +8,7 @@ use std::time::Duration;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
-use nightshift_core::config;
+use nightshift_core::config::{self, ProcessEnv};
 use nightshift_core::limits::ClaimCheck;
 use nightshift_kernels::Registry;
 use nightshift_worker::metadata::Imds;
@@ -46,39 +46,61 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
         .init();
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let settings = Settings {
-        slots: config::parsed_or("NIGHTSHIFT_SLOTS", cpus)?.max(1),
-        idle: Duration::from_secs(config::parsed_or("NIGHTSHIFT_IDLE_SECONDS", 120)?),
-        wait: Duration::from_secs(config::parsed_or("NIGHTSHIFT_WAIT_SECONDS", 20)?),
+        slots: config::parsed_or(&ProcessEnv, "NIGHTSHIFT_SLOTS", cpus)?.max(1),
+        idle: Duration::from_secs(config::parsed_or(
+            &ProcessEnv,
+            "NIGHTSHIFT_IDLE_SECONDS",
+            120,
+        )?),
+        wait: Duration::from_secs(config::parsed_or(
+            &ProcessEnv,
+            "NIGHTSHIFT_WAIT_SECONDS",
+            20,
+        )?),
         claim_check: ClaimCheck::new(config::parsed_or(
+            &ProcessEnv,
             "NIGHTSHIFT_INLINE_LIMIT_BYTES",
             200 * 1024,
         )?),
-        spot_poll: Duration::from_millis(config::parsed_or("NIGHTSHIFT_SPOT_POLL_MS", 5000)?),
-        stop_grace: Duration::from_secs(config::parsed_or("NIGHTSHIFT_STOP_GRACE_SECONDS", 90)?),
+        spot_poll: Duration::from_millis(config::parsed_or(
+            &ProcessEnv,
+            "NIGHTSHIFT_SPOT_POLL_MS",
+            5000,
+        )?),
+        stop_grace: Duration::from_secs(config::parsed_or(
+            &ProcessEnv,
+            "NIGHTSHIFT_STOP_GRACE_SECONDS",
+            90,
+        )?),
         max_lifetime: Duration::from_secs(config::parsed_or(
+            &ProcessEnv,
             "NIGHTSHIFT_MAX_LIFETIME_SECONDS",
             43_200,
         )?),
-        give_up_after: Duration::from_secs(config::parsed_or("NIGHTSHIFT_GIVE_UP_SECONDS", 300)?),
+        give_up_after: Duration::from_secs(config::parsed_or(
+            &ProcessEnv,
+            "NIGHTSHIFT_GIVE_UP_SECONDS",
+            300,
+        )?),
     };
     let aws = aws_config::load_from_env().await;
     let sqs = nightshift_core::aws::sqs::Client::new(&aws);
     let ports = Ports {
         tasks: Arc::new(SqsQueue::new(
             sqs.clone(),
-            config::required("NIGHTSHIFT_TASK_QUEUE_URL")?,
+            config::required(&ProcessEnv, "NIGHTSHIFT_TASK_QUEUE_URL")?,
         )),
         results: Arc::new(SqsQueue::new(
             sqs,
-            config::required("NIGHTSHIFT_RESULT_QUEUE_URL")?,
+            config::required(&ProcessEnv, "NIGHTSHIFT_RESULT_QUEUE_URL")?,
         )),
         blobs: Arc::new(S3Blobs::new(
             nightshift_core::aws::s3::Client::new(&aws),
-            config::required("NIGHTSHIFT_BUCKET")?,
+            config::required(&ProcessEnv, "NIGHTSHIFT_BUCKET")?,
         )),
         runs: Arc::new(DynamoStore::new(
             nightshift_core::aws::dynamodb::Client::new(&aws),
-            config::required("NIGHTSHIFT_TABLE")?,
+            config::required(&ProcessEnv, "NIGHTSHIFT_TABLE")?,
             1,
         )),
         metadata: Arc::new(Imds::new()),
