@@ -239,11 +239,11 @@ impl ResultRecorder for DynamoStore {
             .map(|r| {
                 let size = match &r.outcome {
                     TaskOutcome::Done { result, summary } => {
-                        summary.len().min(SUMMARY_LIMIT)
-                            + serde_json::to_string(result).map_or(0, |t| t.len())
+                        summary.len().min(SUMMARY_LIMIT) + result.inline_bytes()
                     }
                     TaskOutcome::Failed { error } => error.len().min(ERROR_LIMIT),
                 };
+                // A stored result's key fits the margin with the rest.
                 (r, size + 512)
             })
             .collect();
