@@ -6,27 +6,45 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/nightshift/target
 export CARGO_TERM_COLOR ?= never
 PYTHON ?= python3
 VENV := .venv
+# The SAM CLI and cargo-lambda live in a venv of their own: aws-sam-cli pins
+# boto3, click and pydantic below the versions the emulator is pinned to.
+PACKAGE_VENV := .venv-package
+# Where `make package` leaves the worker and its unit, for the image
+# template (worker-ami/image.pkr.hcl) and for `make upload-worker`.
+DIST := dist
+ARTIFACTS_BUCKET ?=
+ARTIFACTS_PREFIX ?= nightshift/
 BIN := $(CARGO_TARGET_DIR)/debug
 NIGHTSHIFT := $(BIN)/nightshift
 ACCOUNTS ?= 50
 CHAOS_TASKS ?= 300
 
-.PHONY: help venv build fmt fmt-check clippy lint-template unit e2e chaos test demo bench package clean
+.PHONY: help venv build fmt fmt-check clippy lint unit e2e chaos test demo bench package upload-worker clean
 
 help:
 	@echo "make demo     run a night on the local stack: $(ACCOUNTS) accounts, spot workers, the report"
-	@echo "make test     fmt, clippy, template lint, unit, conformance, end-to-end and chaos tests (what CI runs)"
+	@echo "make test     fmt, clippy, lint, unit, conformance, end-to-end and chaos tests (what CI runs)"
+	@echo "make lint     the template: cfn-lint, sam validate --lint, checkov"
 	@echo "make chaos    the chaos test at $(CHAOS_TASKS) tasks (CHAOS_SEED=n replays a seed)"
 	@echo "make bench    kernel benchmark against NumPy"
-	@echo "make package  release builds for Lambda (arm64) and the worker image"
+	@echo "make package  release builds for Lambda (arm64) and the worker, which goes to $(DIST)/worker/"
+	@echo "make upload-worker ARTIFACTS_BUCKET=b [ARTIFACTS_PREFIX=$(ARTIFACTS_PREFIX)]"
+	@echo "              the worker and its unit to the bucket that stock-image workers boot from"
 
-# The Python dev tools (emulator, linter, NumPy), pinned, in .venv.
+# The Python dev tools (emulator, linters, NumPy), pinned, in .venv.
 $(VENV)/.installed: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Tooling for make package, make lint and deploying: cargo-lambda (with zig)
+# and the SAM CLI.
+$(PACKAGE_VENV)/.installed: requirements-package.txt
+	$(PYTHON) -m venv $(PACKAGE_VENV)
+	$(PACKAGE_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-package.txt
+	touch $@
 
 build:
 	cargo build --workspace --bins
@@ -40,21 +58,32 @@ fmt-check:
 clippy:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
-lint-template: venv
+# The template, three ways: the CloudFormation linter, SAM's own validation
+# (offline: a region is all it needs) and checkov's policy checks, whose
+# skips are justified next to their resources.
+lint: venv $(PACKAGE_VENV)/.installed
 	$(VENV)/bin/cfn-lint template.yaml
+	env AWS_DEFAULT_REGION=us-east-1 AWS_REGION=us-east-1 SAM_CLI_TELEMETRY=0 \
+		$(PACKAGE_VENV)/bin/sam validate --lint --template template.yaml
+	$(VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation --file template.yaml
 
 unit:
 	cargo test --workspace --locked --exclude nightshift-e2e
 
 # One stack at a time: each runs its own emulator and workers. The chaos
-# test prints its seed and its verdict line.
+# test prints its seed and its verdict line. Each stack keeps the calls its
+# proxy authorized in $(CALLS); the IAM test reads them all, last.
+CALLS := $(BIN)/nightshift-calls
+E2E_TESTS := --test end_to_end --test conformance --test invoke --test chaos
 e2e: venv build
-	cargo test -p nightshift-e2e --locked -- --test-threads=1 --nocapture
+	rm -rf $(CALLS)
+	cargo test -p nightshift-e2e --locked $(E2E_TESTS) -- --test-threads=1 --nocapture
+	cargo test -p nightshift-e2e --locked --test iam -- --nocapture
 
 chaos: venv build
 	CHAOS_TASKS=$(CHAOS_TASKS) cargo test -p nightshift-e2e --locked --test chaos -- --nocapture
 
-test: fmt-check clippy lint-template unit e2e
+test: fmt-check clippy lint unit e2e
 
 demo: venv build
 	$(NIGHTSHIFT) local down >/dev/null
@@ -66,19 +95,41 @@ demo: venv build
 bench: venv
 	bash worker-ami/kernels/bench/run.sh
 
-# Release builds: the functions for Lambda (arm64, via cargo-lambda and zig)
-# and the worker for the image. Not part of `make test`: a cold build takes
+# Release builds for arm64: the functions by `sam build` (cargo-lambda and
+# zig; what `sam deploy` uploads, in .aws-sam/build) and the worker, copied
+# with its unit to $(DIST)/worker/ (what the image template bakes and what
+# upload-worker uploads). Not part of `make test`: a cold build takes
 # several minutes.
-$(VENV)/.package: requirements-package.txt | venv
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-package.txt
-	touch $@
+LAMBDA_DIR := $(CARGO_TARGET_DIR)/lambda
+SAM_BUILD := .aws-sam/build
 
-package: $(VENV)/.package
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 \
-		--bin ingest --bin dispatcher --bin collector
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo lambda build --release --arm64 --bin nightshift-worker
+package: $(PACKAGE_VENV)/.installed
+	PATH="$(CURDIR)/$(PACKAGE_VENV)/bin:$$PATH" SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION=us-east-1 \
+		sam build --beta-features --template template.yaml
+	PATH="$(CURDIR)/$(PACKAGE_VENV)/bin:$$PATH" cargo lambda build --release --arm64 --bin nightshift-worker
+	install -d $(DIST)/worker
+	install -m 0755 $(LAMBDA_DIR)/nightshift-worker/bootstrap $(DIST)/worker/nightshift-worker
+	install -m 0644 worker-ami/nightshift-worker.service $(DIST)/worker/nightshift-worker.service
+	@echo
+	@printf '%-48s %12s %10s\n' artifact bytes MiB
+	@for f in $(SAM_BUILD)/IngestFunction/bootstrap $(SAM_BUILD)/DispatcherFunction/bootstrap \
+		$(SAM_BUILD)/CollectorFunction/bootstrap $(DIST)/worker/nightshift-worker; do \
+		bytes=$$(wc -c < "$$f" | tr -d ' '); \
+		printf '%-48s %12s %10s\n' "$$f" "$$bytes" \
+			"$$(awk -v b="$$bytes" 'BEGIN { printf "%.1f", b / 1048576 }')"; \
+	done
+
+# Stock-image workers fetch these at boot (the stack's ArtifactsBucket and
+# ArtifactsPrefix); a new upload reaches the next worker that boots.
+upload-worker:
+	@test -n "$(ARTIFACTS_BUCKET)" || { echo "usage: make upload-worker ARTIFACTS_BUCKET=<bucket> [ARTIFACTS_PREFIX=$(ARTIFACTS_PREFIX)]" >&2; exit 2; }
+	@test -f $(DIST)/worker/nightshift-worker || { echo "no $(DIST)/worker/nightshift-worker: run make package first" >&2; exit 2; }
+	@command -v aws >/dev/null || { echo "upload-worker needs the AWS CLI (aws)" >&2; exit 2; }
+	aws s3 cp --only-show-errors $(DIST)/worker/nightshift-worker s3://$(ARTIFACTS_BUCKET)/$(ARTIFACTS_PREFIX)nightshift-worker
+	aws s3 cp --only-show-errors $(DIST)/worker/nightshift-worker.service s3://$(ARTIFACTS_BUCKET)/$(ARTIFACTS_PREFIX)nightshift-worker.service
+	@echo "uploaded to s3://$(ARTIFACTS_BUCKET)/$(ARTIFACTS_PREFIX)"
 
 clean:
 	-$(NIGHTSHIFT) local down
-	rm -rf .nightshift $(VENV)
+	rm -rf .nightshift $(VENV) $(PACKAGE_VENV) $(DIST) .aws-sam
 	cargo clean

@@ -1,5 +1,7 @@
-# The nightshift worker image: arm64 Amazon Linux 2023 with the worker binary
-# and its systemd unit. Run from the repository root (see worker-ami/README.md):
+# The nightshift worker image: arm64 Amazon Linux 2023 with the worker binary,
+# its systemd unit and the CloudWatch agent, so that a worker boots without
+# fetching anything. Run from the repository root after `make package`, which
+# leaves the worker and its unit in dist/worker/ (see worker-ami/README.md):
 #
 #   packer init worker-ami/image.pkr.hcl
 #   packer build worker-ami/image.pkr.hcl
@@ -19,10 +21,10 @@ variable "region" {
   description = "Region to build the image in (the stack's region)."
 }
 
-variable "worker_binary" {
+variable "worker_dir" {
   type        = string
-  default     = "target/aarch64-unknown-linux-gnu/release/nightshift-worker"
-  description = "The worker binary, built for aarch64 Linux with glibc 2.34 or older (Amazon Linux 2023's); relative to the directory packer runs in."
+  default     = "dist/worker"
+  description = "Where `make package` leaves nightshift-worker (aarch64 Linux, glibc 2.34 or older: Amazon Linux 2023's) and nightshift-worker.service; relative to the directory packer runs in."
 }
 
 variable "instance_type" {
@@ -77,13 +79,15 @@ source "amazon-ebs" "worker" {
 build {
   sources = ["source.amazon-ebs.worker"]
 
+  # The same two files that `make upload-worker` puts in the artifacts
+  # bucket for workers booting from the stock image.
   provisioner "file" {
-    source      = var.worker_binary
+    source      = "${var.worker_dir}/nightshift-worker"
     destination = "/tmp/nightshift-worker"
   }
 
   provisioner "file" {
-    source      = "${path.root}/nightshift-worker.service"
+    source      = "${var.worker_dir}/nightshift-worker.service"
     destination = "/tmp/nightshift-worker.service"
   }
 
@@ -91,23 +95,26 @@ build {
     inline = [
       "set -eux",
       "sudo dnf -y upgrade --refresh",
+      # Ships the worker's log; the launch template's boot script configures it.
+      "sudo dnf -y install amazon-cloudwatch-agent",
       "sudo useradd --system --no-create-home --home-dir /var/lib/nightshift --shell /sbin/nologin nightshift",
       "sudo install -o root -g root -m 0755 /tmp/nightshift-worker /usr/local/bin/nightshift-worker",
       "sudo install -o root -g root -m 0644 /tmp/nightshift-worker.service /etc/systemd/system/nightshift-worker.service",
-      "sudo install -d -o root -g root -m 0755 /etc/nightshift",
+      "sudo install -d -o root -g root -m 0755 /etc/nightshift /var/log/nightshift",
       "rm -f /tmp/nightshift-worker /tmp/nightshift-worker.service",
       # Refuse to bake a binary that needs a newer glibc than this image has.
       "if ldd /usr/local/bin/nightshift-worker 2>&1 | grep 'not found'; then exit 1; fi",
+      # Not enabled here: the launch template's boot script enables and
+      # starts it once the boot config and the log drop-in are in place, on
+      # this image as on the stock one.
       "sudo systemctl daemon-reload",
-      # Enabled, but it starts only once cloud-init has written /etc/nightshift/worker.env.
-      "sudo systemctl enable nightshift-worker.service",
       # Every instance runs its own user data afresh.
       "sudo cloud-init clean --logs",
     ]
   }
 
   post-processor "manifest" {
-    output     = "target/worker-ami-manifest.json"
+    output     = "dist/worker-ami-manifest.json"
     strip_path = true
   }
 }
