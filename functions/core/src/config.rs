@@ -47,6 +47,25 @@ pub fn optional(env: &dyn Env, name: &'static str) -> String {
 }
 
 /// A variable with a default, parsed into `T`.
+/// A comma-separated list that must name at least one item.
+pub fn required_list(env: &dyn Env, name: &'static str) -> Result<Vec<String>, ConfigError> {
+    let items = list(env, name);
+    if items.is_empty() {
+        return Err(ConfigError::Missing(name));
+    }
+    Ok(items)
+}
+
+/// A comma-separated list; empty when not set.
+pub fn list(env: &dyn Env, name: &'static str) -> Vec<String> {
+    optional(env, name)
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 pub fn parsed_or<T: FromStr>(
     env: &dyn Env,
     name: &'static str,

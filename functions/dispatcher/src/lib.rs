@@ -72,6 +72,8 @@ pub struct Config {
     pub task_queue_url: String,
     pub launch_template_id: String,
     pub instance_types: Vec<String>,
+    /// Subnets the fleet may launch in (none: the default VPC's).
+    pub subnet_ids: Vec<String>,
     pub settings: Settings,
 }
 
@@ -84,11 +86,8 @@ impl Config {
             bucket: config::required(env, "NIGHTSHIFT_BUCKET")?,
             task_queue_url: config::required(env, "NIGHTSHIFT_TASK_QUEUE_URL")?,
             launch_template_id: config::required(env, "NIGHTSHIFT_LAUNCH_TEMPLATE_ID")?,
-            instance_types: config::required(env, "NIGHTSHIFT_INSTANCE_TYPES")?
-                .split(',')
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty())
-                .collect(),
+            instance_types: config::required_list(env, "NIGHTSHIFT_INSTANCE_TYPES")?,
+            subnet_ids: config::list(env, "NIGHTSHIFT_SUBNET_IDS"),
             settings: Settings {
                 max_instances: config::parsed_or(env, "NIGHTSHIFT_MAX_INSTANCES", 20)?,
                 slots_per_instance: config::parsed_or(env, "NIGHTSHIFT_SLOTS_PER_INSTANCE", 2)?,

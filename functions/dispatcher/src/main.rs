@@ -28,6 +28,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         nightshift_core::aws::ec2::Client::new(&aws),
         config.launch_template_id,
         config.instance_types,
+        config.subnet_ids,
     );
     let blobs = S3Blobs::new(nightshift_core::aws::s3::Client::new(&aws), config.bucket);
     let dispatcher = Dispatcher {

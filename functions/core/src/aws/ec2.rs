@@ -32,19 +32,44 @@ pub struct SpotFleet {
     client: Client,
     launch_template_id: String,
     instance_types: Vec<String>,
+    subnet_ids: Vec<String>,
 }
 
 impl SpotFleet {
+    /// A fleet of these types, in these subnets (none: the default VPC's).
     pub fn new(
         client: Client,
         launch_template_id: impl Into<String>,
         instance_types: Vec<String>,
+        subnet_ids: Vec<String>,
     ) -> Self {
         Self {
             client,
             launch_template_id: launch_template_id.into(),
             instance_types,
+            subnet_ids,
         }
+    }
+
+    /// Every type in every subnet, so that spot capacity is sought across
+    /// types and zones.
+    fn overrides(&self) -> Vec<FleetLaunchTemplateOverridesRequest> {
+        let subnets: Vec<Option<&String>> = if self.subnet_ids.is_empty() {
+            vec![None]
+        } else {
+            self.subnet_ids.iter().map(Some).collect()
+        };
+        self.instance_types
+            .iter()
+            .flat_map(|instance_type| {
+                subnets.iter().map(move |subnet| {
+                    FleetLaunchTemplateOverridesRequest::builder()
+                        .instance_type(InstanceType::from(instance_type.as_str()))
+                        .set_subnet_id(subnet.cloned())
+                        .build()
+                })
+            })
+            .collect()
     }
 }
 
@@ -56,11 +81,6 @@ fn time_of(at: Option<&aws_sdk_ec2::primitives::DateTime>) -> DateTime<Utc> {
 #[async_trait]
 impl Fleet for SpotFleet {
     async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<Launched>, Error> {
-        let overrides = self.instance_types.iter().map(|instance_type| {
-            FleetLaunchTemplateOverridesRequest::builder()
-                .instance_type(InstanceType::from(instance_type.as_str()))
-                .build()
-        });
         let template = FleetLaunchTemplateConfigRequest::builder()
             .launch_template_specification(
                 FleetLaunchTemplateSpecificationRequest::builder()
@@ -68,7 +88,7 @@ impl Fleet for SpotFleet {
                     .version("$Latest")
                     .build(),
             )
-            .set_overrides(Some(overrides.collect()))
+            .set_overrides(Some(self.overrides()))
             .build();
         let output = self
             .client
@@ -176,5 +196,58 @@ impl Fleet for SpotFleet {
                 .map_err(|e| classify("TerminateInstances", e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(types: &[&str], subnets: &[&str]) -> SpotFleet {
+        let config = aws_sdk_ec2::Config::builder()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .build();
+        SpotFleet::new(
+            Client::from_conf(config),
+            "lt-1",
+            types.iter().map(|t| (*t).to_owned()).collect(),
+            subnets.iter().map(|s| (*s).to_owned()).collect(),
+        )
+    }
+
+    #[test]
+    fn overrides_span_every_type_in_every_subnet() {
+        let pairs = |fleet: SpotFleet| -> Vec<(String, Option<String>)> {
+            fleet
+                .overrides()
+                .iter()
+                .map(|o| {
+                    (
+                        o.instance_type()
+                            .map(|t| t.as_str().to_owned())
+                            .unwrap_or_default(),
+                        o.subnet_id().map(str::to_owned),
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            pairs(fleet(
+                &["c7g.large", "m7g.large"],
+                &["subnet-a", "subnet-b"]
+            )),
+            [
+                ("c7g.large".into(), Some("subnet-a".into())),
+                ("c7g.large".into(), Some("subnet-b".into())),
+                ("m7g.large".into(), Some("subnet-a".into())),
+                ("m7g.large".into(), Some("subnet-b".into())),
+            ]
+        );
+        assert_eq!(
+            pairs(fleet(&["c7g.large"], &[])),
+            [("c7g.large".into(), None)],
+            "without subnets, EC2 picks the default VPC's"
+        );
     }
 }
