@@ -1,7 +1,7 @@
 //! End-to-end: the real binaries against the emulator, one local stack per
 //! test. Run with `--test-threads=1` (each stack runs its own workers).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use nightshift_core::{Blob, TaskOutcome};
@@ -542,4 +542,122 @@ async fn payloads_and_results_around_every_limit_are_all_recorded() {
     ] {
         assert_eq!(stack.queue_depth(queue).await, 0, "{queue} is empty");
     }
+}
+
+/// Whether this stack's API removed what a request had written (the undo
+/// of a request refused midway), from the calls the stack recorded.
+fn ingest_undid_a_request(stack: &Stack) -> bool {
+    let calls = std::fs::read_to_string(stack.dir.path().join("calls.jsonl")).unwrap_or_default();
+    calls
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .any(|call| call["role"] == "IngestRole" && call["action"] == "s3:DeleteObject")
+}
+
+/// Two requests race for one idempotency key. The slow one carries twenty
+/// payloads over the inline limit, uploaded one by one after it checked the
+/// key and before it stages its tasks; the fast one, sent meanwhile, writes
+/// the key first. The slow one then loses at staging time and is refused
+/// whole: its other tasks and its payloads are removed, and the key holds
+/// the winner's task. (The delay that lands the fast request inside that
+/// window depends on the machine: a few are tried.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_loses_a_key_race_midway_leaves_nothing_behind() {
+    let stack = Stack::start(&[]).await;
+    let delays = [100, 250, 500, 900, 1500, 2500];
+    let mut attempts = 0;
+    while !ingest_undid_a_request(&stack) {
+        assert!(
+            attempts < delays.len(),
+            "the slow request never lost the race midway"
+        );
+        let delay = Duration::from_millis(delays[attempts]);
+        attempts += 1;
+        let key = format!("race-{attempts}");
+        let mut tasks: Vec<Value> = (0..20)
+            .map(|i| {
+                json!({ "account": format!("big-{attempts}"), "kernel": "sleep",
+                    "payload": { "seconds": 0, "data": format!("{i}").repeat(250_000) } })
+            })
+            .collect();
+        tasks.push(json!({ "account": "racer", "kernel": "sleep",
+            "payload": { "seconds": 0 }, "idempotency_key": key }));
+        let slow = json!({ "tasks": tasks }).to_string();
+        let fast = json!({ "account": "racer", "kernel": "sleep",
+            "payload": { "seconds": 1 }, "idempotency_key": key })
+        .to_string();
+        let ((slow_status, slow_answer), (fast_status, _)) =
+            tokio::join!(stack.request("POST", "/tasks", Some(&slow)), async {
+                tokio::time::sleep(delay).await;
+                stack.request("POST", "/tasks", Some(&fast)).await
+            });
+        // Exactly one request owns the key; the other is refused whole.
+        let statuses = [slow_status, fast_status];
+        println!("delay {delay:?}: slow {slow_status}, fast {fast_status}");
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 201).count(),
+            1,
+            "{statuses:?} {slow_answer}"
+        );
+        assert!(
+            statuses.iter().all(|s| [201, 409, 503].contains(s)),
+            "{statuses:?}"
+        );
+    }
+    let items = stack.scan_table().await;
+    let tasks: Vec<&BTreeMap<String, String>> = items
+        .iter()
+        .filter(|item| item.get("pk").is_some_and(|pk| pk.starts_with("TASK#")))
+        .collect();
+    for task in &tasks {
+        assert_ne!(task["status"], "STAGED", "nothing left STAGED: {task:?}");
+    }
+    let refused_whole = |n: usize| {
+        let account = format!("big-{n}");
+        let racer_won = tasks.iter().any(|t| t["account"] == "racer");
+        racer_won && !tasks.iter().any(|t| t["account"] == account)
+    };
+    assert!(refused_whole(attempts), "the loser's other task is gone");
+    let task_ids: BTreeSet<&str> = tasks.iter().map(|t| t["task_id"].as_str()).collect();
+    for key in stack.bucket_keys().await {
+        let id = key
+            .strip_prefix("payloads/")
+            .and_then(|k| k.strip_suffix(".json"))
+            .unwrap_or_default();
+        assert!(task_ids.contains(id), "{key} belongs to no task");
+    }
+}
+
+/// A worker whose run has ended but which does not stop (here: it would
+/// wait ten minutes for work) is terminated by the dispatcher once the
+/// stray grace has passed since its launch.
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_that_outlive_their_run_are_terminated_by_the_dispatcher() {
+    let stack = Stack::start(&[
+        ("WorkerIdleSeconds", "600"),
+        ("StrayGraceSeconds", "30"),
+        ("MaxInstances", "1"),
+    ])
+    .await;
+    stack
+        .submit(&[sleep_task("a", 0.1), sleep_task("b", 0.1)])
+        .await;
+    let run_id = stack.start_run().await;
+    stack.finish(&run_id, RUN_TIMEOUT).await;
+    assert!(
+        stack.instances().await.values().any(|s| s == "running"),
+        "the idle worker is still up when its run ends"
+    );
+    stack
+        .eventually(
+            "every instance terminated",
+            Duration::from_secs(120),
+            || async { stack.instances().await.values().all(|s| s == "terminated") },
+        )
+        .await;
+    assert!(
+        stack.powered_off().is_empty(),
+        "terminated by the dispatcher, not powered off by its unit: {:?}",
+        stack.powered_off()
+    );
 }

@@ -26,7 +26,7 @@ pub struct Stack {
 }
 
 /// The workspace's built programs sit next to the test's own directory.
-fn program(name: &str) -> PathBuf {
+pub fn program(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     exe.parent()
         .and_then(Path::parent)
@@ -36,7 +36,7 @@ fn program(name: &str) -> PathBuf {
 
 /// Read when the test runs (cargo sets it), not when it is compiled: a
 /// build cache shared by two checkouts must not send one to the other.
-fn repository() -> PathBuf {
+pub fn repository() -> PathBuf {
     let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run through cargo test");
     Path::new(&manifest_dir).join("..")
 }
@@ -109,12 +109,7 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let env: BTreeMap<String, String> = std::fs::read_to_string(&env_file)
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let env = read_env(&env_file);
         let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .endpoint_url(&endpoint)
             .region(aws_config::Region::new("us-east-1"))
@@ -137,6 +132,27 @@ impl Stack {
             http: reqwest::Client::new(),
             dir,
         }
+    }
+
+    /// The environment the template declares for a function, resolved
+    /// against this stack.
+    pub fn function_environment(&self, function: &str) -> BTreeMap<String, String> {
+        read_env(
+            &self
+                .dir
+                .path()
+                .join("functions")
+                .join(format!("{function}.env")),
+        )
+    }
+
+    /// The standard AWS variables that point a process at this stack.
+    pub fn aws_env(&self) -> BTreeMap<String, String> {
+        self.env
+            .iter()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     pub fn api(&self, path: &str) -> String {
@@ -197,6 +213,55 @@ impl Stack {
     }
 
     /// Visible plus in-flight messages.
+    /// Messages received and not yet deleted or visible again.
+    pub async fn queue_in_flight(&self, url_key: &str) -> u64 {
+        let attributes = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&self.env[url_key])
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap();
+        attributes
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Receives and deletes every visible message of a queue; the task id
+    /// each carried.
+    pub async fn take_messages(&self, url_key: &str) -> Vec<String> {
+        let mut ids = Vec::new();
+        loop {
+            let received = self
+                .sqs
+                .receive_message()
+                .queue_url(&self.env[url_key])
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap();
+            let messages = received.messages();
+            if messages.is_empty() {
+                return ids;
+            }
+            for message in messages {
+                let body: Value = serde_json::from_str(message.body().unwrap_or("{}")).unwrap();
+                ids.push(body["task_id"].as_str().unwrap_or_default().to_owned());
+                self.sqs
+                    .delete_message()
+                    .queue_url(&self.env[url_key])
+                    .receipt_handle(message.receipt_handle().unwrap_or_default())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     pub async fn queue_depth(&self, url_key: &str) -> u64 {
         let attributes = self
             .sqs
@@ -362,10 +427,56 @@ impl Stack {
     }
 }
 
+fn read_env(path: &Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Where each stack leaves the calls its proxy recorded, for the IAM test.
+pub fn calls_dir() -> PathBuf {
+    program("nightshift-calls")
+}
+
+impl Stack {
+    /// Keeps the calls this stack recorded, and fails the test when a role's
+    /// policies refused one of them.
+    fn keep_calls(&self) {
+        let recorded = self.dir.path().join("calls.jsonl");
+        let Ok(text) = std::fs::read_to_string(&recorded) else {
+            return;
+        };
+        let dir = calls_dir();
+        let _ = std::fs::create_dir_all(&dir);
+        let name = self
+            .dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let _ = std::fs::write(dir.join(format!("{name}.jsonl")), &text);
+        let refused: Vec<&str> = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<Value>(line).is_ok_and(|call| call["sid"].is_null())
+            })
+            .collect();
+        assert!(
+            refused.is_empty() || std::thread::panicking(),
+            "calls refused by their role's policies in template.yaml:\n{}",
+            refused.join("\n")
+        );
+    }
 }
 
 impl Drop for Stack {
@@ -375,10 +486,13 @@ impl Drop for Stack {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
             if let Ok(Some(_)) = self.serve.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = self.serve.kill();
+        if !std::thread::panicking() {
+            self.keep_calls();
+        }
     }
 }

@@ -9,11 +9,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::CliError;
+use crate::api::Api;
 use crate::local;
 
-/// One client for every call, so that polling reuses its connections.
+/// One client for the local stack's control calls.
 static HTTP: LazyLock<reqwest::Client> = LazyLock::new(reqwest::Client::new);
 
+/// A call to the local stack's control endpoint (not the API).
 async fn call(
     method: reqwest::Method,
     url: &str,
@@ -43,7 +45,7 @@ async fn call(
 }
 
 pub async fn demo(
-    api: &str,
+    api: &Api,
     accounts: usize,
     kernel: Option<&str>,
     timeout: Duration,
@@ -66,16 +68,17 @@ pub async fn demo(
         .collect();
     let mut ids = 0;
     for chunk in tasks.chunks(1000) {
-        let (_, answer) = call(
-            reqwest::Method::POST,
-            &format!("{api}/tasks"),
-            Some(&json!({ "tasks": chunk })),
-        )
-        .await?;
+        let (_, answer) = api
+            .call(
+                reqwest::Method::POST,
+                "/tasks",
+                Some(&json!({ "tasks": chunk })),
+            )
+            .await?;
         ids += answer["task_ids"].as_array().map_or(0, Vec::len);
     }
     println!("submitted {ids} accounts ({kernel})");
-    let (_, started_run) = call(reqwest::Method::POST, &format!("{api}/runs"), None).await?;
+    let (_, started_run) = api.call(reqwest::Method::POST, "/runs", None).await?;
     let run_id = started_run["run"]["id"]
         .as_str()
         .unwrap_or_default()
@@ -88,7 +91,7 @@ pub async fn demo(
 }
 
 /// Shows progress until the run is FINISHED.
-async fn follow(api: &str, run_id: &str, expected: u64, timeout: Duration) -> Result<(), CliError> {
+async fn follow(api: &Api, run_id: &str, expected: u64, timeout: Duration) -> Result<(), CliError> {
     let bar = ProgressBar::new(expected);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
@@ -96,7 +99,9 @@ async fn follow(api: &str, run_id: &str, expected: u64, timeout: Duration) -> Re
     );
     let started = Instant::now();
     loop {
-        let (_, run) = call(reqwest::Method::GET, &format!("{api}/runs/{run_id}"), None).await?;
+        let (_, run) = api
+            .call(reqwest::Method::GET, &format!("/runs/{run_id}"), None)
+            .await?;
         let done = run["done"].as_u64().unwrap_or(0);
         let failed = run["failed"].as_u64().unwrap_or(0);
         let queued = run["queued"].as_u64().unwrap_or(0);
@@ -120,8 +125,8 @@ async fn follow(api: &str, run_id: &str, expected: u64, timeout: Duration) -> Re
     }
 }
 
-pub async fn start_run(api: &str) -> Result<(), CliError> {
-    let (status, answer) = call(reqwest::Method::POST, &format!("{api}/runs"), None).await?;
+pub async fn start_run(api: &Api) -> Result<(), CliError> {
+    let (status, answer) = api.call(reqwest::Method::POST, "/runs", None).await?;
     let verb = if status == 201 {
         "started"
     } else {
@@ -134,19 +139,22 @@ pub async fn start_run(api: &str) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn show_run(api: &str, run_id: &str) -> Result<(), CliError> {
-    let (_, run) = call(reqwest::Method::GET, &format!("{api}/runs/{run_id}"), None).await?;
+pub async fn show_run(api: &Api, run_id: &str) -> Result<(), CliError> {
+    let (_, run) = api
+        .call(reqwest::Method::GET, &format!("/runs/{run_id}"), None)
+        .await?;
     println!("{}", serde_json::to_string_pretty(&run).unwrap_or_default());
     Ok(())
 }
 
-pub async fn print_report(api: &str, run_id: &str) -> Result<(), CliError> {
-    let (_, report) = call(
-        reqwest::Method::GET,
-        &format!("{api}/runs/{run_id}/report"),
-        None,
-    )
-    .await?;
+pub async fn print_report(api: &Api, run_id: &str) -> Result<(), CliError> {
+    let (_, report) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/runs/{run_id}/report"),
+            None,
+        )
+        .await?;
     let empty = Vec::new();
     let tasks = report["tasks"].as_array().unwrap_or(&empty);
     println!();

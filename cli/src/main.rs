@@ -1,6 +1,7 @@
 //! `nightshift`: operator commands, and `nightshift local`, the whole system
 //! on one machine.
 
+mod api;
 mod client;
 mod local;
 
@@ -130,18 +131,28 @@ struct ApiArgs {
 }
 
 impl ApiArgs {
-    fn url(&self) -> Result<String, CliError> {
+    /// The API given, signed with the standard AWS credential chain; else
+    /// the local stack's, signed with the credentials of its env file.
+    async fn connect(&self) -> Result<api::Api, CliError> {
         if let Some(url) = &self.api {
-            return Ok(url.trim_end_matches('/').to_owned());
+            return api::Api::with_default_credentials(url).await;
         }
         let env = local::read_env_file(&self.state_dir.join(local::ENV_FILE)).map_err(|_| {
             CliError::Usage(
                 "no --api given and no local stack is up (`nightshift local up`)".into(),
             )
         })?;
-        env.get("NIGHTSHIFT_API_URL").cloned().ok_or_else(|| {
-            CliError::Usage("the local stack's env file has no NIGHTSHIFT_API_URL".into())
-        })
+        let get = |name: &str| {
+            env.get(name)
+                .cloned()
+                .ok_or_else(|| CliError::Usage(format!("the local stack's env file has no {name}")))
+        };
+        Ok(api::Api::with_static_credentials(
+            &get("NIGHTSHIFT_API_URL")?,
+            &get("AWS_ACCESS_KEY_ID")?,
+            &get("AWS_SECRET_ACCESS_KEY")?,
+            &get("AWS_REGION")?,
+        ))
     }
 }
 
@@ -172,6 +183,21 @@ enum LocalCommand {
         instance_id: String,
         #[arg(long, default_value = ".nightshift")]
         state_dir: PathBuf,
+    },
+    /// What the recorded calls of local stacks used of each role's grants:
+    /// calls refused, and grants no call used. Exits non-zero when a call
+    /// was refused.
+    ///
+    /// Example: nightshift local iam-report .nightshift/calls.jsonl
+    IamReport {
+        /// calls.jsonl files, or directories holding them.
+        #[arg(required = true)]
+        calls: Vec<PathBuf>,
+        #[arg(long, default_value = "template.yaml")]
+        template: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Runs the local stack in the foreground (what `up` starts).
     #[command(hide = true)]
@@ -363,7 +389,7 @@ async fn execute(command: Command) -> Result<(), CliError> {
             timeout,
         } => {
             client::demo(
-                &api.url()?,
+                &api.connect().await?,
                 accounts,
                 kernel.as_deref(),
                 Duration::from_secs(timeout),
@@ -371,9 +397,13 @@ async fn execute(command: Command) -> Result<(), CliError> {
             .await
         }
         Command::Run { command } => match command {
-            RunCommand::Start { api } => client::start_run(&api.url()?).await,
-            RunCommand::Status { run_id, api } => client::show_run(&api.url()?, &run_id).await,
-            RunCommand::Report { run_id, api } => client::print_report(&api.url()?, &run_id).await,
+            RunCommand::Start { api } => client::start_run(&api.connect().await?).await,
+            RunCommand::Status { run_id, api } => {
+                client::show_run(&api.connect().await?, &run_id).await
+            }
+            RunCommand::Report { run_id, api } => {
+                client::print_report(&api.connect().await?, &run_id).await
+            }
         },
     }
 }
@@ -422,5 +452,30 @@ async fn execute_local(command: LocalCommand) -> Result<(), CliError> {
             emulator_port,
             resources_only,
         } => local::serve::serve(stack.serve_options(emulator_port, resources_only)?).await,
+        LocalCommand::IamReport {
+            calls,
+            template,
+            json,
+        } => {
+            let template = local::template::Template::load(&template)?;
+            let usage = local::usage::Usage::of(&template, &local::usage::read_recorded(&calls)?)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&usage)
+                        .map_err(|e| CliError::Local(e.to_string()))?
+                );
+            } else {
+                print!("{}", usage.table());
+            }
+            if usage.refused.is_empty() {
+                Ok(())
+            } else {
+                Err(CliError::Local(format!(
+                    "{} call(s) refused by their role's policies",
+                    usage.refused.len()
+                )))
+            }
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! A local instance-metadata endpoint per emulated instance: IMDSv2's token
-//! handshake, the instance id, and a spot interruption notice on request.
+//! handshake, the instance id, its profile role's credentials (the access
+//! key named after the role, as the local stack's proxy expects), and a
+//! spot interruption notice on request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +20,8 @@ struct Instance {
     id: String,
     /// Its `nightshift:run-id` tag (the launch template makes tags readable).
     run_id: Option<String>,
+    /// The role of its instance profile.
+    role: String,
     interrupted: Arc<AtomicBool>,
 }
 
@@ -29,11 +33,16 @@ pub struct MetadataEndpoint {
 }
 
 impl MetadataEndpoint {
-    pub async fn start(instance_id: &str, run_id: Option<&str>) -> std::io::Result<Self> {
+    pub async fn start(
+        instance_id: &str,
+        run_id: Option<&str>,
+        role: &str,
+    ) -> std::io::Result<Self> {
         let interrupted = Arc::new(AtomicBool::new(false));
         let instance = Instance {
             id: instance_id.to_owned(),
             run_id: run_id.map(str::to_owned),
+            role: role.to_owned(),
             interrupted: interrupted.clone(),
         };
         let router = Router::new()
@@ -43,6 +52,14 @@ impl MetadataEndpoint {
                 get(|State(i): State<Instance>| async move { i.id }),
             )
             .route("/latest/meta-data/spot/instance-action", get(spot_action))
+            .route(
+                "/latest/meta-data/iam/security-credentials/",
+                get(|State(i): State<Instance>| async move { i.role }),
+            )
+            .route(
+                "/latest/meta-data/iam/security-credentials/{role}",
+                get(credentials),
+            )
             .route(
                 "/latest/meta-data/tags/instance/nightshift:run-id",
                 get(|State(i): State<Instance>| async move {
@@ -81,6 +98,27 @@ async fn token(headers: HeaderMap) -> impl IntoResponse {
         [(TTL_HEADER, ttl)],
         uuid::Uuid::new_v4().to_string(),
     )
+}
+
+async fn credentials(
+    State(instance): State<Instance>,
+    axum::extract::Path(role): axum::extract::Path<String>,
+) -> impl IntoResponse {
+    if role != instance.role {
+        return (StatusCode::NOT_FOUND, String::new());
+    }
+    let now = Utc::now();
+    let at = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let body = serde_json::json!({
+        "Code": "Success",
+        "LastUpdated": at(now),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": instance.role,
+        "SecretAccessKey": "local",
+        "Token": "instance",
+        "Expiration": at(now + chrono::Duration::hours(6)),
+    });
+    (StatusCode::OK, body.to_string())
 }
 
 async fn spot_action(State(instance): State<Instance>) -> impl IntoResponse {

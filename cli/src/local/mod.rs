@@ -2,13 +2,18 @@
 //! `up` starts `serve` in the background and returns once the stack is
 //! ready; `down` stops it; `status` tells what is there.
 
+mod actions;
 mod faults;
 mod feeder;
 mod imds;
+mod policy;
+mod proxy;
+mod resolve;
 pub mod serve;
 mod stack;
 pub mod template;
 mod unit;
+pub mod usage;
 mod workers;
 
 use std::collections::BTreeMap;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_sqs::config::Credentials;
 use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
@@ -22,6 +23,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, watch};
 
 use super::faults::Faults;
+use super::policy::Policies;
+use super::proxy::{Proxy, SERVICE_SESSION};
+use super::resolve::Resolved;
 use super::template::Template;
 use super::unit::Unit;
 use super::workers::{Registry, Supervisor};
@@ -38,6 +42,12 @@ const LOCAL_PARAMETERS: [(&str, &str); 6] = [
     ("MaxQueuedPerRun", "500"),
     ("StrayGraceSeconds", "300"),
 ];
+
+/// Where the proxy records each call's IAM actions, in the state directory.
+pub const CALLS_FILE: &str = "calls.jsonl";
+
+/// The worker's boot configuration, written by the launch template's user data.
+const WORKER_BOOT_CONFIG: &str = "/etc/nightshift/worker.env";
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -96,84 +106,117 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         parameters.insert(key.to_owned(), value.to_owned());
     }
     parameters.extend(options.parameters.clone());
-    let outputs = stack::create(
-        &aws_sdk_cloudformation::Client::new(&aws),
-        &options.stack_name,
-        &template,
-        &parameters,
-    )
-    .await?;
+    let cloudformation = aws_sdk_cloudformation::Client::new(&aws);
+    let outputs =
+        stack::create(&cloudformation, &options.stack_name, &template, &parameters).await?;
+    let (resources, account) = stack::physical(&cloudformation, &options.stack_name).await?;
+    let resolved = Resolved {
+        parameters,
+        resources,
+        region: aws.region().map(ToString::to_string).unwrap_or_default(),
+        account,
+        stack: options.stack_name.clone(),
+    };
+    // Each function's environment as the template declares it, resolved:
+    // what `cargo lambda watch` or a runtime emulator needs to run it here.
+    let functions_dir = options.state_dir.join("functions");
+    std::fs::create_dir_all(&functions_dir).map_err(|e| CliError::io(&functions_dir, e))?;
+    for function in template.functions()? {
+        let environment = template.function_environment(&function, &resolved)?;
+        stack::write_env_file(&functions_dir.join(format!("{function}.env")), &environment)?;
+    }
     if options.resources_only {
         // Only the resources, for tests that drive the adapters themselves.
         stack::write_env_file(env_file, &stack_env(&outputs, &options.stack_name)?)?;
         tracing::info!(env = %env_file.display(), "local stack resources ready");
         return wait_for_signal().await;
     }
-    let output = |name: &str| {
-        outputs
-            .get(name)
-            .cloned()
-            .ok_or_else(|| CliError::Local(format!("the stack has no output {name}")))
-    };
-    let number = |name: &str| -> Result<u64, CliError> {
-        parameters
-            .get(name)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| CliError::Local(format!("parameter {name} is not a number")))
-    };
     let (stop_tx, stop) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
-    // nightshift's own calls (functions and workers) go through the fault
-    // proxy when asked; what stands in for AWS itself (the event source
-    // mapping, EC2's side of instances) goes straight to the emulator.
-    let (product, faults) = match options.faults {
-        Some(rate) => {
-            let target = aws_endpoint()?;
-            let faults = Arc::new(Faults::new(target, rate, options.fault_seed));
-            let listener = bind(0).await?;
-            let url = format!(
-                "http://{}",
-                listener
-                    .local_addr()
-                    .map_err(|e| CliError::io(Path::new("faults"), e))?
-            );
-            tasks.spawn(serve_router(
-                listener,
-                super::faults::router(faults.clone()),
-                stop.clone(),
-            ));
-            tracing::info!(%url, rate, seed = options.fault_seed, "fault proxy in front of the emulator");
-            (
-                aws.to_builder().endpoint_url(&url).build(),
-                Some((faults, url)),
-            )
-        }
-        None => (aws.clone(), None),
+    // Every call of nightshift's components goes through the proxy, signed
+    // with a key named after the caller's role, and is authorized by that
+    // role's policies as AWS would; chaos tests add faults there. What
+    // stands in for AWS itself (EC2's side of instances) goes straight to
+    // the emulator.
+    let proxy = Arc::new(Proxy::new(
+        aws_endpoint()?,
+        Policies::new(template.grants(Some(&resolved))?),
+        resolved.account.clone(),
+        options
+            .faults
+            .map(|rate| Faults::new(rate, options.fault_seed)),
+        &options.state_dir.join(CALLS_FILE),
+    )?);
+    let listener = bind(0).await?;
+    let proxy_url = format!(
+        "http://{}",
+        listener
+            .local_addr()
+            .map_err(|e| CliError::io(Path::new("proxy"), e))?
+    );
+    tasks.spawn(serve_router(
+        listener,
+        super::proxy::router(proxy.clone()),
+        stop.clone(),
+    ));
+    if let Some(rate) = options.faults {
+        tracing::info!(
+            rate,
+            seed = options.fault_seed,
+            "faults injected into nightshift's calls"
+        );
+    }
+    // What a function's code is given on AWS: its role's credentials. The
+    // endpoint is set as client configuration, which AWS_ENDPOINT_URL in
+    // this process's environment does not override.
+    let signed_as = |role: String, session: &'static str| {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws.region().cloned())
+            .endpoint_url(&proxy_url)
+            .credentials_provider(Credentials::new(
+                role,
+                "local",
+                Some(session.to_owned()),
+                None,
+                "nightshift-local",
+            ))
+            .load()
     };
+    let role_of = |function: &str| {
+        template
+            .function_role(function)
+            .ok_or_else(|| CliError::Local(format!("{function} has no Role in the template")))
+    };
+    let ingest_aws = signed_as(role_of("IngestFunction")?, "function").await;
+    let dispatcher_aws = signed_as(role_of("DispatcherFunction")?, "function").await;
+    let collector_role = role_of("CollectorFunction")?;
+    let collector_aws = signed_as(collector_role.clone(), "function").await;
+    let event_source_aws = signed_as(collector_role, SERVICE_SESSION).await;
+
     // Each function's configuration, read as on AWS from the environment
     // the template declares for it.
-    let environment =
-        |function: &str| template.function_environment(function, &parameters, &outputs);
+    let environment = |function: &str| template.function_environment(function, &resolved);
     let ingest = nightshift_ingest::Config::from_env(&environment("IngestFunction")?)?;
     let dispatcher = nightshift_dispatcher::Config::from_env(&environment("DispatcherFunction")?)?;
     let collector = nightshift_collector::Config::from_env(&environment("CollectorFunction")?)?;
-    let store = DynamoStore::new(
-        nightshift_core::aws::dynamodb::Client::new(&product),
-        collector.table,
-        collector.pending_shards,
-    );
-    let sqs = nightshift_core::aws::sqs::Client::new(&product);
-    let direct_sqs = nightshift_core::aws::sqs::Client::new(&aws);
+    let store_for = |aws: &aws_config::SdkConfig| {
+        DynamoStore::new(
+            nightshift_core::aws::dynamodb::Client::new(aws),
+            collector.table.clone(),
+            collector.pending_shards,
+        )
+    };
 
     // The API, served as API Gateway would serve the ingest function.
     let wake = Arc::new(Notify::new());
+    let ingest_store = store_for(&ingest_aws);
     let api = Api {
-        writer: Arc::new(store.clone()),
-        reader: Arc::new(store.clone()),
-        runs: Arc::new(store.clone()),
+        writer: Arc::new(ingest_store.clone()),
+        reader: Arc::new(ingest_store.clone()),
+        runs: Arc::new(ingest_store),
         blobs: Arc::new(S3Blobs::new(
-            nightshift_core::aws::s3::Client::new(&product),
+            nightshift_core::aws::s3::Client::new(&ingest_aws),
             ingest.bucket,
         )),
         trigger: Arc::new(NotifyTrigger(wake.clone())),
@@ -195,16 +238,20 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
 
     // The dispatcher, on its schedule and when the API wakes it.
     let fleet = SpotFleet::new(
-        nightshift_core::aws::ec2::Client::new(&product),
+        nightshift_core::aws::ec2::Client::new(&dispatcher_aws),
         dispatcher.launch_template_id,
         dispatcher.instance_types,
+        dispatcher.subnet_ids,
     );
     let dispatch = Arc::new(DispatchPorts {
-        store: store.clone(),
-        queue: SqsQueue::new(sqs.clone(), dispatcher.task_queue_url),
+        store: store_for(&dispatcher_aws),
+        queue: SqsQueue::new(
+            nightshift_core::aws::sqs::Client::new(&dispatcher_aws),
+            dispatcher.task_queue_url,
+        ),
         fleet,
         blobs: S3Blobs::new(
-            nightshift_core::aws::s3::Client::new(&product),
+            nightshift_core::aws::s3::Client::new(&dispatcher_aws),
             dispatcher.bucket,
         ),
         settings: dispatcher.settings,
@@ -219,70 +266,60 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         ));
     }
 
-    // The collector, fed from each SQS event source the template declares.
+    // The collector, fed from each SQS event source the template declares,
+    // polled as Lambda's event source mapping polls, with the function's role.
+    let collector_store = store_for(&collector_aws);
+    let event_source_sqs = nightshift_core::aws::sqs::Client::new(&event_source_aws);
     for source in template.sqs_sources("CollectorFunction")? {
-        let queue = SqsQueue::new(direct_sqs.clone(), output(&format!("{}Url", source.queue))?);
+        let url = resolved
+            .resources
+            .get(&source.queue)
+            .map(|(_, url)| url.clone())
+            .ok_or_else(|| CliError::Local(format!("the stack has no {}", source.queue)))?;
         tasks.spawn(super::feeder::run(
-            queue,
+            SqsQueue::new(event_source_sqs.clone(), url),
             source,
-            store.clone(),
+            collector_store.clone(),
             stop.clone(),
         ));
     }
 
-    // Workers: the boot configuration the launch template's user data
-    // writes on EC2, with the emulator's endpoint.
-    let mut worker_env: BTreeMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("AWS_") && k != "AWS_EC2_METADATA_SERVICE_ENDPOINT")
-        .collect();
-    if let Some((_, url)) = &faults {
-        worker_env.insert("AWS_ENDPOINT_URL".to_owned(), url.clone());
-    }
-    worker_env.extend([
-        (
-            "NIGHTSHIFT_TASK_QUEUE_URL".to_owned(),
-            output("TaskQueueUrl")?,
-        ),
-        (
-            "NIGHTSHIFT_RESULT_QUEUE_URL".to_owned(),
-            output("ResultQueueUrl")?,
-        ),
-        ("NIGHTSHIFT_BUCKET".to_owned(), output("PayloadBucketName")?),
-        (
-            "NIGHTSHIFT_INLINE_LIMIT_BYTES".to_owned(),
-            number("InlineLimitBytes")?.to_string(),
-        ),
-        (
-            "NIGHTSHIFT_IDLE_SECONDS".to_owned(),
-            number("WorkerIdleSeconds")?.to_string(),
-        ),
-        (
-            "NIGHTSHIFT_SLOTS".to_owned(),
-            number("SlotsPerInstance")?.to_string(),
-        ),
-        ("NIGHTSHIFT_TABLE".to_owned(), output("TableName")?),
-        (
-            "NIGHTSHIFT_MAX_LIFETIME_SECONDS".to_owned(),
-            number("WorkerMaxLifetimeSeconds")?.to_string(),
-        ),
-        // Short polls and metadata checks keep an emulated night brisk.
-        ("NIGHTSHIFT_WAIT_SECONDS".to_owned(), "2".to_owned()),
-        ("NIGHTSHIFT_SPOT_POLL_MS".to_owned(), "500".to_owned()),
-    ]);
-    let registry = Arc::new(Registry::default());
+    // Workers: as on EC2, the unit's environment and the boot configuration
+    // the launch template's user data writes, and the instance profile's
+    // credentials from instance metadata; the proxy is their AWS endpoint.
     let unit_path = options
         .template
         .parent()
         .unwrap_or(Path::new("."))
         .join("worker-ami/nightshift-worker.service");
     let unit_text = std::fs::read_to_string(&unit_path).map_err(|e| CliError::io(&unit_path, e))?;
+    let unit = Unit::parse(&unit_text);
+    let mut worker_env: BTreeMap<String, String> = unit.environment.iter().cloned().collect();
+    worker_env.extend(template.boot_environment(
+        "WorkerLaunchTemplate",
+        WORKER_BOOT_CONFIG,
+        &resolved,
+    )?);
+    worker_env.extend(
+        [
+            ("AWS_ENDPOINT_URL", proxy_url.as_str()),
+            // Short polls and metadata checks keep an emulated night brisk.
+            ("NIGHTSHIFT_WAIT_SECONDS", "2"),
+            ("NIGHTSHIFT_SPOT_POLL_MS", "500"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let registry = Arc::new(Registry::default());
     let supervisor = Supervisor {
         ec2: nightshift_core::aws::ec2::Client::new(&aws),
         worker_bin: options.worker_bin.clone(),
         env: worker_env,
+        role: template
+            .instance_role("WorkerLaunchTemplate")
+            .ok_or_else(|| CliError::Local("the worker launch template has no role".into()))?,
         dir: options.state_dir.join("workers"),
         registry: registry.clone(),
-        unit: Unit::parse(&unit_text),
+        unit,
         shutdown_behavior: template
             .launch_template_data("WorkerLaunchTemplate", "InstanceInitiatedShutdownBehavior")
             .unwrap_or_else(|| "stop".to_owned()),
@@ -299,7 +336,7 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     );
     tasks.spawn(serve_router(
         control_listener,
-        control_router(registry, faults.map(|(faults, _)| faults)),
+        control_router(registry, proxy),
         stop.clone(),
     ));
 
@@ -430,7 +467,7 @@ async fn dispatch_loop(
     }
 }
 
-fn control_router(registry: Arc<Registry>, faults: Option<Arc<Faults>>) -> Router {
+fn control_router(registry: Arc<Registry>, proxy: Arc<Proxy>) -> Router {
     Router::new()
         .route(
             "/instances/{id}/interrupt",
@@ -445,7 +482,7 @@ fn control_router(registry: Arc<Registry>, faults: Option<Arc<Faults>>) -> Route
         .route(
             "/faults",
             get(move || async move {
-                axum::Json(serde_json::json!({ "injected": faults.as_ref().map_or(0, |f| f.injected()) }))
+                axum::Json(serde_json::json!({ "injected": proxy.faults.as_ref().map_or(0, Faults::injected) }))
             }),
         )
         .with_state(registry)
@@ -454,7 +491,7 @@ fn control_router(registry: Arc<Registry>, faults: Option<Arc<Faults>>) -> Route
 /// The emulator's address, as this process was given it.
 fn aws_endpoint() -> Result<String, CliError> {
     std::env::var("AWS_ENDPOINT_URL").map_err(|_| {
-        CliError::Local("AWS_ENDPOINT_URL is not set: no emulator to put faults in front of".into())
+        CliError::Local("AWS_ENDPOINT_URL is not set: no emulator to stand in for AWS".into())
     })
 }
 

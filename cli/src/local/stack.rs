@@ -74,6 +74,47 @@ pub async fn create(
     )))
 }
 
+/// Each resource's type and physical id by logical id, and the account the
+/// stack lives in (from its id, an ARN).
+pub async fn physical(
+    client: &Client,
+    name: &str,
+) -> Result<(BTreeMap<String, (String, String)>, String), CliError> {
+    let stack = client
+        .describe_stacks()
+        .stack_name(name)
+        .send()
+        .await
+        .map_err(|e| CliError::aws("DescribeStacks", e))?;
+    let account = stack
+        .stacks()
+        .first()
+        .and_then(|s| s.stack_id())
+        .and_then(|arn| arn.split(':').nth(4))
+        .ok_or_else(|| CliError::Local(format!("stack {name} has no id")))?
+        .to_owned();
+    let resources = client
+        .describe_stack_resources()
+        .stack_name(name)
+        .send()
+        .await
+        .map_err(|e| CliError::aws("DescribeStackResources", e))?;
+    let physical = resources
+        .stack_resources()
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.logical_resource_id()?.to_owned(),
+                (
+                    r.resource_type()?.to_owned(),
+                    r.physical_resource_id()?.to_owned(),
+                ),
+            ))
+        })
+        .collect();
+    Ok((physical, account))
+}
+
 /// Writes `KEY=value` lines atomically: the file appears whole or not at all.
 pub fn write_env_file(path: &Path, values: &BTreeMap<String, String>) -> Result<(), CliError> {
     let text: String = values.iter().map(|(k, v)| format!("{k}={v}\n")).collect();

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value, json};
 
+use super::resolve::Resolved;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     #[error("cannot read {path}: {source}")]
@@ -18,13 +20,15 @@ pub enum TemplateError {
     Yaml(#[from] serde_norway::Error),
     #[error("template has no {0}")]
     Missing(String),
+    #[error("template: {0}")]
+    Unsupported(String),
 }
 
 /// The template as JSON, with YAML short tags (`!Ref`, `!Sub`, ...) in
 /// their long form.
 #[derive(Debug, Clone)]
 pub struct Template {
-    document: Value,
+    pub(super) document: Value,
 }
 
 /// How an SQS event source feeds a function.
@@ -53,7 +57,7 @@ impl Template {
         })
     }
 
-    fn resources(&self) -> Result<&Map<String, Value>, TemplateError> {
+    pub(super) fn resources(&self) -> Result<&Map<String, Value>, TemplateError> {
         self.document["Resources"]
             .as_object()
             .ok_or_else(|| TemplateError::Missing("Resources".into()))
@@ -116,13 +120,11 @@ impl Template {
     }
 
     /// The environment the template declares for a function (its own over
-    /// the Globals'), resolved: a parameter is its value, a resource what
-    /// the output that refers to it says, another function a local name.
+    /// the Globals'), resolved against the stack.
     pub fn function_environment(
         &self,
         function: &str,
-        parameters: &BTreeMap<String, String>,
-        outputs: &BTreeMap<String, String>,
+        resolved: &Resolved,
     ) -> Result<BTreeMap<String, String>, TemplateError> {
         let resource = self
             .resources()?
@@ -133,66 +135,69 @@ impl Template {
         let mut environment = BTreeMap::new();
         for variables in [globals, own] {
             for (name, value) in variables.as_object().into_iter().flatten() {
-                environment.insert(name.clone(), self.resolve(value, parameters, outputs)?);
+                environment.insert(name.clone(), self.single(value, resolved)?);
             }
         }
         Ok(environment)
     }
 
-    fn resolve(
+    /// The logical ids of the template's functions.
+    pub fn functions(&self) -> Result<Vec<String>, TemplateError> {
+        Ok(self
+            .resources()?
+            .iter()
+            .filter(|(_, r)| r["Type"] == "AWS::Serverless::Function")
+            .map(|(name, _)| name.clone())
+            .collect())
+    }
+
+    /// Whether a resource is a function (SAM's or Lambda's), which the
+    /// local stack runs itself.
+    pub(super) fn is_function(&self, name: &str) -> bool {
+        self.resources()
+            .ok()
+            .and_then(|r| r.get(name))
+            .is_some_and(|r| {
+                let kind = r["Type"].as_str().unwrap_or_default();
+                kind.starts_with("AWS::Serverless::") || kind.starts_with("AWS::Lambda::")
+            })
+    }
+
+    /// The boot configuration a launch template's user data writes for the
+    /// worker: the `KEY=value` lines of the cloud-config file written to
+    /// `path`, resolved against the stack.
+    pub fn boot_environment(
         &self,
-        value: &Value,
-        parameters: &BTreeMap<String, String>,
-        outputs: &BTreeMap<String, String>,
-    ) -> Result<String, TemplateError> {
-        match value {
-            Value::String(text) => Ok(text.clone()),
-            Value::Number(number) => Ok(number.to_string()),
-            Value::Object(object) if object.contains_key("Ref") => {
-                let name = object["Ref"].as_str().unwrap_or_default();
-                if let Some(value) = parameters.get(name) {
-                    return Ok(value.clone());
-                }
-                let referring = self.document["Outputs"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .find(|(_, output)| output["Value"] == json!({ "Ref": name }))
-                    .and_then(|(output, _)| outputs.get(output));
-                match referring {
-                    Some(value) => Ok(value.clone()),
-                    None if self.resources()?.get(name).is_some_and(|r| {
-                        r["Type"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .starts_with("AWS::Serverless::")
-                    }) =>
-                    {
-                        Ok(format!("local-{name}"))
-                    }
-                    None => Err(TemplateError::Missing(format!("a value for {name}"))),
-                }
-            }
-            Value::Object(object) if object.contains_key("Fn::Join") => {
-                let join = &object["Fn::Join"];
-                let separator = join[0].as_str().unwrap_or_default();
-                match &join[1] {
-                    Value::Array(items) => Ok(items
-                        .iter()
-                        .map(|item| self.resolve(item, parameters, outputs))
-                        .collect::<Result<Vec<_>, _>>()?
-                        .join(separator)),
-                    // A list parameter, which the stack holds comma-separated.
-                    list => Ok(self
-                        .resolve(list, parameters, outputs)?
-                        .split(',')
-                        .map(str::trim)
-                        .collect::<Vec<_>>()
-                        .join(separator)),
-                }
-            }
-            other => Err(TemplateError::Missing(format!("a way to resolve {other}"))),
-        }
+        launch_template: &str,
+        path: &str,
+        resolved: &Resolved,
+    ) -> Result<Vec<(String, String)>, TemplateError> {
+        let user_data = &self
+            .resources()?
+            .get(launch_template)
+            .ok_or_else(|| TemplateError::Missing(launch_template.to_owned()))?["Properties"]["LaunchTemplateData"]
+            ["UserData"]["Fn::Base64"];
+        let text = self.single(user_data, resolved)?;
+        let missing =
+            || TemplateError::Missing(format!("{path} in the user data of {launch_template}"));
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines
+            .iter()
+            .position(|line| line.trim().trim_start_matches("- ") == format!("path: {path}"))
+            .ok_or_else(missing)?;
+        let content = lines[at..]
+            .iter()
+            .position(|line| line.trim().starts_with("content: |"))
+            .map(|n| at + n)
+            .ok_or_else(missing)?;
+        let indent = |line: &str| line.len() - line.trim_start().len();
+        let content_indent = indent(lines[content]);
+        Ok(lines[content + 1..]
+            .iter()
+            .take_while(|line| line.trim().is_empty() || indent(line) > content_indent)
+            .filter_map(|line| line.trim().split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect())
     }
 
     /// A plain setting of a launch template's data (EC2's default applies
@@ -458,17 +463,21 @@ Outputs:
         let template =
             Template::load(&std::path::Path::new(&manifest_dir).join("../template.yaml")).unwrap();
         let parameters = template.parameter_defaults();
-        let outputs: BTreeMap<String, String> = [
-            ("TableName", "the-table"),
-            ("TaskQueueUrl", "http://queue"),
-            ("PayloadBucketName", "the-bucket"),
-            ("LaunchTemplateId", "lt-1"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+        let resolved = Resolved {
+            parameters: parameters.clone(),
+            resources: [
+                ("TasksTable", "AWS::DynamoDB::Table", "the-table"),
+                ("TaskQueue", "AWS::SQS::Queue", "http://queue"),
+                ("PayloadBucket", "AWS::S3::Bucket", "the-bucket"),
+                ("WorkerLaunchTemplate", "AWS::EC2::LaunchTemplate", "lt-1"),
+            ]
+            .into_iter()
+            .map(|(l, k, p)| (l.to_owned(), (k.to_owned(), p.to_owned())))
+            .collect(),
+            ..Resolved::default()
+        };
         let dispatcher = template
-            .function_environment("DispatcherFunction", &parameters, &outputs)
+            .function_environment("DispatcherFunction", &resolved)
             .unwrap();
         assert_eq!(
             dispatcher["NIGHTSHIFT_TABLE"], "the-table",
@@ -484,7 +493,7 @@ Outputs:
             parameters["MaxInstances"]
         );
         let ingest = template
-            .function_environment("IngestFunction", &parameters, &outputs)
+            .function_environment("IngestFunction", &resolved)
             .unwrap();
         assert_eq!(
             ingest["NIGHTSHIFT_DISPATCHER_FUNCTION"],

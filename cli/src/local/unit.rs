@@ -19,6 +19,8 @@ pub struct Unit {
     pub start_limit_action: String,
     /// `SuccessAction=`, taken when the service exits with success.
     pub success_action: String,
+    /// `Environment=` assignments (the `EnvironmentFile=` comes on top).
+    pub environment: Vec<(String, String)>,
 }
 
 /// What follows a worker's exit.
@@ -45,6 +47,7 @@ impl Unit {
             start_limit_burst: 5,
             start_limit_action: "none".into(),
             success_action: "none".into(),
+            environment: Vec::new(),
         };
         for line in text.lines().map(str::trim) {
             let Some((key, value)) = line.split_once('=') else {
@@ -52,6 +55,11 @@ impl Unit {
             };
             let value = value.trim().to_owned();
             match key.trim() {
+                "Environment" => {
+                    if let Some((name, value)) = value.trim_matches('"').split_once('=') {
+                        unit.environment.push((name.to_owned(), value.to_owned()));
+                    }
+                }
                 "Restart" => unit.restart = value,
                 "RestartSec" => unit.restart_sec = seconds(&value).unwrap_or(unit.restart_sec),
                 "StartLimitIntervalSec" => {

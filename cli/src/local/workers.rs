@@ -69,7 +69,11 @@ impl Registry {
 pub struct Supervisor {
     pub ec2: Client,
     pub worker_bin: PathBuf,
+    /// The worker's whole environment (nothing else is inherited).
     pub env: BTreeMap<String, String>,
+    /// The role of the instances' profile, whose credentials their
+    /// metadata serves.
+    pub role: String,
     pub dir: PathBuf,
     pub registry: Arc<Registry>,
     /// The worker's systemd unit.
@@ -162,7 +166,7 @@ impl Supervisor {
     }
 
     async fn start(&self, instance_id: &str, run_id: Option<&str>) -> std::io::Result<Worker> {
-        let metadata = MetadataEndpoint::start(instance_id, run_id).await?;
+        let metadata = MetadataEndpoint::start(instance_id, run_id, &self.role).await?;
         self.registry
             .set(instance_id, Some(metadata.interrupted.clone()));
         let mut worker = Worker {
@@ -181,6 +185,7 @@ impl Supervisor {
             .append(true)
             .open(self.dir.join(format!("{instance_id}.log")))?;
         let child = Command::new(&self.worker_bin)
+            .env_clear()
             .envs(&self.env)
             .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &worker.metadata.url)
             .stdin(Stdio::null())
