@@ -661,3 +661,53 @@ async fn workers_that_outlive_their_run_are_terminated_by_the_dispatcher() {
         stack.powered_off()
     );
 }
+
+/// Work that arrives by day waits: the ticks open no run. The night's start
+/// opens one with its deadline, and the night's work is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn work_waits_for_the_night_and_the_night_start_opens_a_run() {
+    let stack = Stack::start(&[]).await;
+    stack
+        .submit(&[sleep_task("a", 0.1), sleep_task("b", 0.1)])
+        .await;
+    // A few ticks of the dispatcher (every second here) pass.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let items = stack.scan_table().await;
+    assert!(
+        !items.iter().any(|i| i["pk"].starts_with("RUN#")),
+        "no tick opened a run"
+    );
+    assert!(
+        items
+            .iter()
+            .filter(|i| i["pk"].starts_with("TASK#"))
+            .all(|i| i["status"] == "PENDING"),
+        "the day's work waits"
+    );
+
+    stack.start_night().await;
+    let run_item = || async {
+        stack
+            .scan_table()
+            .await
+            .into_iter()
+            .find(|i| i["pk"].starts_with("RUN#"))
+    };
+    stack
+        .eventually("the night opens a run", Duration::from_secs(30), || async {
+            run_item().await.is_some()
+        })
+        .await;
+    let run = run_item().await.unwrap();
+    let opened: chrono::DateTime<chrono::Utc> = run["started_at"].parse().unwrap();
+    let deadline: chrono::DateTime<chrono::Utc> = run["deadline"].parse().unwrap();
+    assert!(
+        deadline > opened && deadline - opened <= chrono::Duration::hours(24),
+        "due within a day: {opened} to {deadline}"
+    );
+    let report = stack.finish(&run["id"], RUN_TIMEOUT).await;
+    assert_eq!(report["run"]["done"], 2, "{report}");
+    let reported: chrono::DateTime<chrono::Utc> =
+        report["run"]["deadline"].as_str().unwrap().parse().unwrap();
+    assert_eq!(reported, deadline, "the report shows the deadline");
+}

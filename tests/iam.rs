@@ -17,6 +17,11 @@ use serde_json::Value;
 /// Grants the local stack cannot exercise, and who uses them on AWS.
 const USED_OUTSIDE_THE_LOCAL_STACK: &[(&str, &str, &str)] = &[
     (
+        "NightScheduleRole",
+        "lambda:InvokeFunction",
+        "EventBridge Scheduler invokes the dispatcher at the night's start; the local stack wakes it in-process",
+    ),
+    (
         "*",
         "logs:CreateLogStream",
         "Lambda's runtime and the CloudWatch agent write the logs",

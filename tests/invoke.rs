@@ -153,7 +153,7 @@ async fn every_function_binary_answers_its_sample_events_through_the_runtime_api
         "{statuses:?}"
     );
 
-    for event in ["scheduled.json", "dispatcher-wake.json"] {
+    for event in ["scheduled.json", "dispatcher-wake.json", "night-start.json"] {
         let pass = invoke(&stack, "dispatcher", "DispatcherFunction", event).await;
         assert!(
             pass.get("queued").is_some(),

@@ -192,6 +192,13 @@ impl Stack {
         answer["run"]["id"].as_str().unwrap().to_owned()
     }
 
+    /// The night's start, as EventBridge Scheduler sends it on AWS.
+    pub async fn start_night(&self) {
+        let url = format!("{}/night/start", self.env["NIGHTSHIFT_CONTROL_URL"]);
+        let answer = self.http.post(url).send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), 202);
+    }
+
     /// Waits until the run is FINISHED; returns its report.
     pub async fn finish(&self, run_id: &str, timeout: Duration) -> Value {
         let started = Instant::now();

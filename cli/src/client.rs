@@ -230,12 +230,29 @@ pub async fn local_status(state_dir: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-pub async fn interrupt(state_dir: &Path, instance_id: &str) -> Result<(), CliError> {
+/// The local stack's control endpoint.
+fn control_url(state_dir: &Path) -> Result<String, CliError> {
     let env = local::read_env_file(&state_dir.join(local::ENV_FILE))
         .map_err(|_| CliError::Usage("no local stack is up".into()))?;
-    let control = env
-        .get("NIGHTSHIFT_CONTROL_URL")
-        .ok_or_else(|| CliError::Usage("the local stack has no control URL".into()))?;
+    env.get("NIGHTSHIFT_CONTROL_URL")
+        .cloned()
+        .ok_or_else(|| CliError::Usage("the local stack has no control URL".into()))
+}
+
+pub async fn night_start(state_dir: &Path) -> Result<(), CliError> {
+    let control = control_url(state_dir)?;
+    call(
+        reqwest::Method::POST,
+        &format!("{control}/night/start"),
+        None,
+    )
+    .await?;
+    println!("night started: the dispatcher opens a run if work is pending");
+    Ok(())
+}
+
+pub async fn interrupt(state_dir: &Path, instance_id: &str) -> Result<(), CliError> {
+    let control = control_url(state_dir)?;
     call(
         reqwest::Method::POST,
         &format!("{control}/instances/{instance_id}/interrupt"),

@@ -178,6 +178,12 @@ enum LocalCommand {
         #[arg(long, default_value = ".nightshift")]
         state_dir: PathBuf,
     },
+    /// The night's start, as EventBridge Scheduler sends it on AWS: opens a
+    /// run if work is pending.
+    NightStart {
+        #[arg(long, default_value = ".nightshift")]
+        state_dir: PathBuf,
+    },
     /// Announces a spot interruption to one emulated instance.
     Interrupt {
         instance_id: String,
@@ -443,6 +449,7 @@ async fn execute_local(command: LocalCommand) -> Result<(), CliError> {
             Ok(())
         }
         LocalCommand::Status { state_dir } => client::local_status(&state_dir).await,
+        LocalCommand::NightStart { state_dir } => client::night_start(&state_dir).await,
         LocalCommand::Interrupt {
             instance_id,
             state_dir,

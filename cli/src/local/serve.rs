@@ -222,6 +222,7 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         trigger: Arc::new(NotifyTrigger(wake.clone())),
         limits: ingest.limits,
         claim_check: ingest.claim_check,
+        night: ingest.night,
     };
     let api_listener = bind(options.api_port).await?;
     let api_url = format!(
@@ -257,11 +258,17 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         settings: dispatcher.settings,
     });
     // As EventBridge may deliver a tick twice, several loops may run at once.
+    // The night's start, which EventBridge Scheduler sends on AWS, comes
+    // from the control endpoint (`nightshift local night-start`).
+    let night = Arc::new(Notify::new());
     for _ in 0..options.dispatchers.max(1) {
         tasks.spawn(dispatch_loop(
             dispatch.clone(),
             options.dispatch_every,
-            wake.clone(),
+            Wakes {
+                api: wake.clone(),
+                night: night.clone(),
+            },
             stop.clone(),
         ));
     }
@@ -336,7 +343,7 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     );
     tasks.spawn(serve_router(
         control_listener,
-        control_router(registry, proxy),
+        control_router(registry, proxy, night),
         stop.clone(),
     ));
 
@@ -437,10 +444,17 @@ struct DispatchPorts {
     settings: DispatchSettings,
 }
 
+/// What wakes a dispatcher loop besides its tick: the API (a run started)
+/// and the night's start.
+struct Wakes {
+    api: Arc<Notify>,
+    night: Arc<Notify>,
+}
+
 async fn dispatch_loop(
     ports: Arc<DispatchPorts>,
     every: Duration,
-    wake: Arc<Notify>,
+    wakes: Wakes,
     mut stop: watch::Receiver<bool>,
 ) {
     let dispatcher = Dispatcher {
@@ -452,23 +466,41 @@ async fn dispatch_loop(
         blobs: &ports.blobs,
         settings: &ports.settings,
     };
+    let mut night_starts = false;
     loop {
         let owner = uuid::Uuid::new_v4().to_string();
-        match dispatcher.pass(chrono::Utc::now(), &owner).await {
-            Ok(pass) if pass.skipped.is_none() => tracing::info!(?pass, "dispatch pass"),
+        let now = chrono::Utc::now();
+        let pass = if night_starts {
+            dispatcher.open_night(now, &owner).await
+        } else {
+            dispatcher.pass(now, &owner).await
+        };
+        match pass {
+            Ok(pass) if pass.skipped.is_none() => {
+                tracing::info!(?pass, night_starts, "dispatch pass")
+            }
             Ok(_) => {}
             Err(error) => tracing::warn!(error = %error, "dispatch pass failed"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = wake.notified() => {}
+        night_starts = tokio::select! {
+            _ = tokio::time::sleep(every) => false,
+            _ = wakes.api.notified() => false,
+            _ = wakes.night.notified() => true,
             _ = stop.changed() => return,
-        }
+        };
     }
 }
 
-fn control_router(registry: Arc<Registry>, proxy: Arc<Proxy>) -> Router {
+fn control_router(registry: Arc<Registry>, proxy: Arc<Proxy>, night: Arc<Notify>) -> Router {
     Router::new()
+        .route(
+            "/night/start",
+            post(move || async move {
+                // One loop takes it, as one scheduler invocation would.
+                night.notify_one();
+                StatusCode::ACCEPTED
+            }),
+        )
         .route(
             "/instances/{id}/interrupt",
             post(|State(registry): State<Arc<Registry>>, UrlPath(id): UrlPath<String>| async move {

@@ -33,7 +33,10 @@ async fn store_with_queued(tasks: &[&str]) -> MemoryStore {
         .map(|id| new_task(id, json!({"seconds": 0})))
         .collect();
     add(&store, &new).await;
-    store.open_run("r1", Utc::now()).await.unwrap();
+    store
+        .open_run("r1", Utc::now(), Utc::now() + chrono::Duration::hours(8))
+        .await
+        .unwrap();
     let ids: Vec<String> = tasks.iter().map(|t| (*t).to_owned()).collect();
     store.mark_queued("r1", &ids).await.unwrap();
     store
@@ -178,7 +181,10 @@ async fn a_result_too_large_for_its_item_fails_its_task_and_the_run_can_end() {
         ],
     )
     .await;
-    store.open_run("r1", Utc::now()).await.unwrap();
+    store
+        .open_run("r1", Utc::now(), Utc::now() + chrono::Duration::hours(8))
+        .await
+        .unwrap();
     store
         .mark_queued("r1", &["big".to_owned(), "small".to_owned()])
         .await

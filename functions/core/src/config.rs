@@ -47,6 +47,21 @@ pub fn optional(env: &dyn Env, name: &'static str) -> String {
 }
 
 /// A variable with a default, parsed into `T`.
+/// The night's end and time zone (`NIGHTSHIFT_NIGHT_END`, `HH:MM`, and
+/// `NIGHTSHIFT_TIMEZONE`, an IANA name), 06:00 in London unless set.
+pub fn night_window(env: &dyn Env) -> Result<crate::night::NightWindow, ConfigError> {
+    let end = env
+        .var("NIGHTSHIFT_NIGHT_END")
+        .unwrap_or_else(|| "06:00".into());
+    let timezone = env
+        .var("NIGHTSHIFT_TIMEZONE")
+        .unwrap_or_else(|| "Europe/London".into());
+    crate::night::NightWindow::parse(&end, &timezone).map_err(|_| ConfigError::Invalid {
+        name: "NIGHTSHIFT_NIGHT_END or NIGHTSHIFT_TIMEZONE",
+        value: format!("{end} {timezone}"),
+    })
+}
+
 /// A comma-separated list that must name at least one item.
 pub fn required_list(env: &dyn Env, name: &'static str) -> Result<Vec<String>, ConfigError> {
     let items = list(env, name);

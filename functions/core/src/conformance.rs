@@ -138,7 +138,11 @@ impl Suite<'_> {
             self.store.close_run(&run.id, Utc::now()).await.unwrap();
         }
         let id = format!("{}-run-{}", self.tag, uuid::Uuid::new_v4().simple());
-        let (run, created) = self.store.open_run(&id, Utc::now()).await.unwrap();
+        let (run, created) = self
+            .store
+            .open_run(&id, Utc::now(), Utc::now() + chrono::Duration::hours(8))
+            .await
+            .unwrap();
         assert!(created && run.id == id);
         id
     }
@@ -499,7 +503,11 @@ impl Suite<'_> {
             self.store.close_run(&run.id, Utc::now()).await.unwrap();
         }
         let ids: Vec<String> = (0..4).map(|i| format!("{}-race-{i}", self.tag)).collect();
-        let opened = join_all(ids.iter().map(|id| self.store.open_run(id, Utc::now()))).await;
+        let opened = join_all(ids.iter().map(|id| {
+            self.store
+                .open_run(id, Utc::now(), Utc::now() + chrono::Duration::hours(8))
+        }))
+        .await;
         let opened: Vec<_> = opened.into_iter().map(Result::unwrap).collect();
         assert_eq!(
             opened.iter().filter(|(_, created)| *created).count(),

@@ -503,7 +503,12 @@ impl RunStore for MemoryStore {
             .cloned())
     }
 
-    async fn open_run(&self, new_run_id: &str, now: DateTime<Utc>) -> Result<(Run, bool), Error> {
+    async fn open_run(
+        &self,
+        new_run_id: &str,
+        now: DateTime<Utc>,
+        deadline: DateTime<Utc>,
+    ) -> Result<(Run, bool), Error> {
         network().await;
         let mut state = lock(&self.state);
         if let Some(run) = state.current.as_ref().and_then(|id| state.runs.get(id)) {
@@ -513,6 +518,7 @@ impl RunStore for MemoryStore {
             id: new_run_id.to_owned(),
             state: RunState::Open,
             started_at: now,
+            deadline,
             finished_at: None,
             queued: 0,
             done: 0,

@@ -9,6 +9,7 @@ mod error;
 pub mod limits;
 pub mod message;
 pub mod model;
+pub mod night;
 pub mod ports;
 pub mod retry;
 pub mod rules;

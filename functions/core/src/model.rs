@@ -208,6 +208,8 @@ pub struct Run {
     pub id: String,
     pub state: RunState,
     pub started_at: DateTime<Utc>,
+    /// When the night's work must be done by (see `night`).
+    pub deadline: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub queued: u64,
     pub done: u64,

@@ -149,7 +149,12 @@ pub trait RunStore: RunReader {
     async fn current_run(&self) -> Result<Option<Run>, Error>;
     /// The open run, or a new one if none is open (at most one run is open:
     /// the new run is written only if no other is current). `true` if new.
-    async fn open_run(&self, new_run_id: &str, now: DateTime<Utc>) -> Result<(Run, bool), Error>;
+    async fn open_run(
+        &self,
+        new_run_id: &str,
+        now: DateTime<Utc>,
+        deadline: DateTime<Utc>,
+    ) -> Result<(Run, bool), Error>;
     /// Takes the run's dispatch lease if it is free or expired.
     async fn acquire_lease(
         &self,

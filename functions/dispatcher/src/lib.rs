@@ -62,6 +62,14 @@ pub struct Settings {
     /// How long a worker whose run is no longer open may live on (to drain
     /// what it holds) before it is terminated.
     pub stray_grace: Duration,
+    /// The deadline of the runs the night's start opens.
+    pub night: nightshift_core::night::NightWindow,
+}
+
+/// The event the night's schedule sends (`{"action": "open-night"}`):
+/// the one event that opens a run.
+pub fn opens_the_night(event: &serde_json::Value) -> bool {
+    event["action"] == "open-night"
 }
 
 /// The dispatcher's configuration: its settings and what it reaches.
@@ -96,6 +104,7 @@ impl Config {
                 lease_ttl: seconds("NIGHTSHIFT_LEASE_SECONDS", 120)?,
                 max_lifetime: seconds("NIGHTSHIFT_MAX_LIFETIME_SECONDS", 43_200)?,
                 stray_grace: seconds("NIGHTSHIFT_STRAY_GRACE_SECONDS", 900)?,
+                night: config::night_window(env)?,
             },
         })
     }
@@ -136,7 +145,25 @@ const PAGE: usize = 100;
 const LAUNCH_VISIBILITY: Duration = Duration::from_secs(300);
 
 impl Dispatcher<'_> {
+    /// The reconciling pass of every tick: works for the open run, if one
+    /// is; never opens one (work that arrives by day waits for the night).
     pub async fn pass(&self, now: DateTime<Utc>, owner: &str) -> Result<Pass, DispatchError> {
+        self.pass_opening(now, owner, false).await
+    }
+
+    /// The night's start: opens a run if work is pending (with the night's
+    /// deadline), then works for it as a pass does. Idempotent: a second
+    /// delivery finds the run open.
+    pub async fn open_night(&self, now: DateTime<Utc>, owner: &str) -> Result<Pass, DispatchError> {
+        self.pass_opening(now, owner, true).await
+    }
+
+    async fn pass_opening(
+        &self,
+        now: DateTime<Utc>,
+        owner: &str,
+        may_open: bool,
+    ) -> Result<Pass, DispatchError> {
         let current = self.runs.current_run().await?;
         let instances = self.fleet.instances().await?;
         let terminated = self
@@ -144,13 +171,14 @@ impl Dispatcher<'_> {
             .await?;
         let run = match current {
             Some(run) => run,
-            None if self.any_pending().await? => {
+            None if may_open && self.any_pending().await? => {
                 let new_id = uuid::Uuid::new_v4().to_string();
-                self.runs.open_run(&new_id, now).await?.0
+                let deadline = self.settings.night.deadline(now);
+                self.runs.open_run(&new_id, now, deadline).await?.0
             }
             None => {
                 return Ok(Pass {
-                    skipped: Some("no open run and nothing pending"),
+                    skipped: Some("no open run"),
                     terminated,
                     ..Pass::default()
                 });

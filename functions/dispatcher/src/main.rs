@@ -43,7 +43,13 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let dispatcher = &dispatcher;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         let owner = event.context.request_id.clone();
-        let pass: Pass = dispatcher.pass(chrono::Utc::now(), &owner).await?;
+        let now = chrono::Utc::now();
+        // The night's schedule opens a run; every other event reconciles.
+        let pass: Pass = if nightshift_dispatcher::opens_the_night(&event.payload) {
+            dispatcher.open_night(now, &owner).await?
+        } else {
+            dispatcher.pass(now, &owner).await?
+        };
         tracing::info!(?pass, "dispatch pass");
         Ok::<Pass, lambda_runtime::Error>(pass)
     }))

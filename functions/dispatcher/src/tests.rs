@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use nightshift_core::fakes::{FakeFleet, MemoryBlobs, MemoryQueue, MemoryStore};
+use nightshift_core::night::NightWindow;
 use nightshift_core::ports::{
     BlobStore, Cursor, Page, PendingTasks, RecordOutcome, ResultRecorder, RunReader, TaskWriter,
 };
@@ -43,6 +44,7 @@ impl World {
                 lease_ttl: Duration::from_secs(120),
                 max_lifetime: Duration::from_secs(3600),
                 stray_grace: Duration::from_secs(600),
+                night: NightWindow::parse("06:00", "Europe/London").unwrap(),
             },
         }
     }
@@ -60,7 +62,8 @@ impl World {
     }
 
     async fn add(&self, n: usize, payload: Value) {
-        let tasks: Vec<NewTask> = (0..n)
+        let base = self.store.all_tasks().len();
+        let tasks: Vec<NewTask> = (base..base + n)
             .map(|i| NewTask {
                 id: format!("task-{i:03}"),
                 account: format!("acct-{i:03}"),
@@ -121,7 +124,11 @@ fn distinct(mut ids: Vec<String>) -> bool {
 async fn pending_tasks_are_queued_in_batches_of_ten_and_workers_launched() {
     let world = World::new(1000);
     world.add_tasks(25).await;
-    let pass = world.dispatcher().pass(Utc::now(), "d1").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d1")
+        .await
+        .unwrap();
     assert_eq!(pass.queued, 25);
     assert_eq!(world.sent_task_ids().len(), 25);
     assert!(
@@ -155,11 +162,16 @@ async fn race(world: &World, passes: usize) -> Vec<Pass> {
     let dispatchers: Vec<Dispatcher<'_>> = (0..passes).map(|_| world.dispatcher()).collect();
     let owners: Vec<String> = (0..passes).map(|i| format!("d{i}")).collect();
     let now = Utc::now();
-    futures::future::join_all(dispatchers.iter().zip(&owners).map(|(d, o)| d.pass(now, o)))
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect()
+    futures::future::join_all(
+        dispatchers
+            .iter()
+            .zip(&owners)
+            .map(|(d, o)| d.open_night(now, o)),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect()
 }
 
 #[tokio::test]
@@ -176,7 +188,11 @@ async fn passes_at_once_queue_each_task_once_and_launch_one_fleet() {
     assert!(distinct(world.sent_task_ids()), "no task is sent twice");
     assert_eq!(world.fleet.launches(), 1);
     // A later pass finds the fleet big enough and launches nothing more.
-    let again = world.dispatcher().pass(Utc::now(), "d3").await.unwrap();
+    let again = world
+        .dispatcher()
+        .open_night(Utc::now(), "d3")
+        .await
+        .unwrap();
     assert_eq!((again.queued, again.launched), (0, 0));
 }
 
@@ -200,8 +216,9 @@ impl RunStore for NoLease {
         &self,
         id: &str,
         now: DateTime<Utc>,
+        deadline: DateTime<Utc>,
     ) -> Result<(Run, bool), nightshift_core::Error> {
-        self.0.open_run(id, now).await
+        self.0.open_run(id, now, deadline).await
     }
     async fn acquire_lease(
         &self,
@@ -248,8 +265,13 @@ async fn without_an_exclusive_lease_the_race_test_would_fail() {
         .collect();
     let now = Utc::now();
     let owners = ["a", "b", "c"];
-    for pass in
-        futures::future::join_all(dispatchers.iter().zip(owners).map(|(d, o)| d.pass(now, o))).await
+    for pass in futures::future::join_all(
+        dispatchers
+            .iter()
+            .zip(owners)
+            .map(|(d, o)| d.open_night(now, o)),
+    )
+    .await
     {
         pass.unwrap();
     }
@@ -260,7 +282,11 @@ async fn without_an_exclusive_lease_the_race_test_would_fail() {
 async fn a_held_lease_makes_a_pass_skip() {
     let world = World::new(1000);
     world.add_tasks(1).await;
-    let (run, _) = world.store.open_run("r1", Utc::now()).await.unwrap();
+    let (run, _) = world
+        .store
+        .open_run("r1", Utc::now(), Utc::now() + chrono::Duration::hours(8))
+        .await
+        .unwrap();
     assert!(
         world
             .store
@@ -268,7 +294,11 @@ async fn a_held_lease_makes_a_pass_skip() {
             .await
             .unwrap()
     );
-    let pass = world.dispatcher().pass(Utc::now(), "me").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "me")
+        .await
+        .unwrap();
     assert_eq!(
         pass.skipped,
         Some("another dispatcher holds the run's lease")
@@ -277,7 +307,12 @@ async fn a_held_lease_makes_a_pass_skip() {
     // Once the lease has expired, the next pass proceeds.
     let later = Utc::now() + chrono::Duration::seconds(61);
     assert_eq!(
-        world.dispatcher().pass(later, "me").await.unwrap().queued,
+        world
+            .dispatcher()
+            .open_night(later, "me")
+            .await
+            .unwrap()
+            .queued,
         1
     );
 }
@@ -286,17 +321,29 @@ async fn a_held_lease_makes_a_pass_skip() {
 async fn the_backlog_is_capped_and_the_rest_waits_for_room() {
     let world = World::new(10);
     world.add_tasks(25).await;
-    let first = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let first = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!((first.queued, first.waiting), (10, true));
     let run_id = first.run_id.unwrap();
     assert!(
         world.store.run(&run_id).await.unwrap().unwrap().waiting,
         "workers are told to wait"
     );
-    let second = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let second = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!((second.queued, second.closed), (0, false), "no room yet");
     world.finish_all(&run_id).await;
-    let third = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let third = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!((third.queued, third.waiting), (10, true));
 }
 
@@ -307,7 +354,11 @@ async fn a_backlog_of_large_payloads_is_queued_in_one_pass() {
     world
         .add(40, json!({"seconds": 0, "data": "x".repeat(130_000)}))
         .await;
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!(pass.queued, 40, "{pass:?}");
     // And no SQS batch was over 1 MiB (the queue refuses those).
     assert!(distinct(world.sent_task_ids()));
@@ -318,7 +369,11 @@ async fn batches_are_split_by_bytes() {
     // Ten tasks of 105 KB are over SQS's 1 MiB for one batch.
     let world = World::new(1000);
     world.add(12, json!({"data": "y".repeat(105 * 1024)})).await;
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!(pass.queued, 12);
 }
 
@@ -331,11 +386,21 @@ async fn a_task_is_never_sent_twice_in_one_pass() {
     // Marking fails (a conflict that outlasted its retries): the pass stops
     // with the error; the tasks it sent were sent once.
     world.store.inject_fault("mark_queued", 1);
-    assert!(world.dispatcher().pass(Utc::now(), "d").await.is_err());
+    assert!(
+        world
+            .dispatcher()
+            .open_night(Utc::now(), "d")
+            .await
+            .is_err()
+    );
     assert_eq!(world.sent_task_ids().len(), 5);
     assert!(distinct(world.sent_task_ids()));
     // The next pass sends them again (at least once), and queues them.
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!(pass.queued, 5);
 }
 
@@ -378,23 +443,35 @@ async fn a_run_does_not_close_while_an_index_page_of_stale_entries_hides_pending
         pending: &stale,
         ..world.dispatcher()
     };
-    let (run, _) = world.store.open_run("r1", Utc::now()).await.unwrap();
+    let (run, _) = world
+        .store
+        .open_run("r1", Utc::now(), Utc::now() + chrono::Duration::hours(8))
+        .await
+        .unwrap();
     // Nothing queued yet, but a task is pending behind a page of stale entries.
-    let pass = dispatcher.pass(Utc::now(), "d").await.unwrap();
+    let pass = dispatcher.open_night(Utc::now(), "d").await.unwrap();
     assert_eq!(pass.queued, 1, "the task behind the stale page is found");
     assert!(!pass.closed);
     world.finish_all(&run.id).await;
-    assert!(dispatcher.pass(Utc::now(), "d").await.unwrap().closed);
+    assert!(dispatcher.open_night(Utc::now(), "d").await.unwrap().closed);
 }
 
 #[tokio::test]
 async fn lost_workers_are_replaced_while_work_remains() {
     let world = World::new(1000);
     world.add_tasks(6).await;
-    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     let lost = world.fleet.active()[0].clone();
     world.fleet.lose(&lost);
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!(pass.launched, 1);
     let run = world
         .store
@@ -409,17 +486,30 @@ async fn lost_workers_are_replaced_while_work_remains() {
 async fn a_launch_not_yet_shown_by_ec2_is_not_launched_again() {
     let world = World::new(1000);
     world.add_tasks(6).await;
-    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     // DescribeInstances lags: it shows none of the three just launched.
     for id in world.fleet.active() {
         world.fleet.hide(&id);
     }
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!(pass.launched, 0, "the recorded launches count");
     // Long after, an instance EC2 never showed no longer counts.
     let later = Utc::now() + chrono::Duration::minutes(10);
     assert_eq!(
-        world.dispatcher().pass(later, "d").await.unwrap().launched,
+        world
+            .dispatcher()
+            .open_night(later, "d")
+            .await
+            .unwrap()
+            .launched,
         3
     );
 }
@@ -430,14 +520,28 @@ async fn a_lost_fleet_answer_does_not_block_later_passes() {
     world.add_tasks(6).await;
     // The fleet is made, but the answer is lost: nothing is recorded.
     world.fleet.lose_next_answer();
-    assert!(world.dispatcher().pass(Utc::now(), "d").await.is_err());
+    assert!(
+        world
+            .dispatcher()
+            .open_night(Utc::now(), "d")
+            .await
+            .is_err()
+    );
     // The instances exist but are unknown to the run; one of them dies, so
     // the next pass asks for another count under the same request number.
     let first = world.fleet.active()[0].clone();
     world.fleet.lose(&first);
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!(pass.launched, 1, "a new request, not a mismatch");
-    let again = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let again = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert!(again.skipped.is_none());
 }
 
@@ -451,21 +555,29 @@ async fn workers_of_no_open_run_and_past_their_lifetime_are_terminated() {
     world
         .fleet
         .add_running("i-fresh", "finished-run", Utc::now());
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert_eq!(pass.terminated, 1);
     assert_eq!(world.fleet.terminated(), vec!["i-old-run".to_owned()]);
     // A worker of the open run is kept until it outlives its lifetime.
     world.add_tasks(2).await;
     let run_id = world
         .dispatcher()
-        .pass(Utc::now(), "d")
+        .open_night(Utc::now(), "d")
         .await
         .unwrap()
         .run_id
         .unwrap();
     world.fleet.add_running("i-ancient", &run_id, long_ago);
     world.fleet.add_running("i-young", &run_id, Utc::now());
-    world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     let terminated = world.fleet.terminated();
     assert!(
         terminated.contains(&"i-ancient".to_owned()) && !terminated.contains(&"i-young".to_owned())
@@ -476,15 +588,27 @@ async fn workers_of_no_open_run_and_past_their_lifetime_are_terminated() {
 async fn a_run_closes_when_every_task_ended_and_nothing_is_pending() {
     let world = World::new(1000);
     world.add_tasks(2).await;
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     let run_id = pass.run_id.unwrap();
     assert!(!pass.closed);
     world.finish_all(&run_id).await;
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert!(pass.closed);
     assert!(world.store.current_run().await.unwrap().is_none());
-    let idle = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
-    assert_eq!(idle.skipped, Some("no open run and nothing pending"));
+    let idle = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
+    assert_eq!(idle.skipped, Some("no open run"));
 }
 
 #[tokio::test]
@@ -493,7 +617,7 @@ async fn closing_a_run_removes_the_objects_no_task_holds() {
     world.add_tasks(1).await;
     let run_id = world
         .dispatcher()
-        .pass(Utc::now(), "d")
+        .open_night(Utc::now(), "d")
         .await
         .unwrap()
         .run_id
@@ -518,10 +642,81 @@ async fn closing_a_run_removes_the_objects_no_task_holds() {
         },
     };
     world.store.record_results(&[result]).await.unwrap();
-    let pass = world.dispatcher().pass(Utc::now(), "d").await.unwrap();
+    let pass = world
+        .dispatcher()
+        .open_night(Utc::now(), "d")
+        .await
+        .unwrap();
     assert!(pass.closed);
     assert_eq!(pass.swept, 2);
     let mut left = world.blobs.keys();
     left.sort();
     assert_eq!(left, vec![elsewhere, kept]);
+}
+
+/// The night, on an injected clock (London, 22:00 to 06:00): work that
+/// arrives by day waits PENDING through the ticks; the night's start opens a
+/// run, due at 06:00 on the wall clock (here across the October change of
+/// the clocks); work that arrives during the night joins it; and the next
+/// day's ticks open nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn work_waits_for_the_night_and_the_night_ends_by_the_wall_clock() {
+    let world = World::new(1000);
+    let at = |text: &str| text.parse::<DateTime<Utc>>().unwrap();
+    let dispatcher = world.dispatcher();
+
+    // Saturday 24 October 2026, 14:00 BST: tasks arrive; the ticks wait.
+    world.add_tasks(3).await;
+    for tick in [
+        "2026-10-24T13:00:00Z",
+        "2026-10-24T17:00:00Z",
+        "2026-10-24T20:55:00Z",
+    ] {
+        let pass = dispatcher.pass(at(tick), "tick").await.unwrap();
+        assert_eq!((pass.run_id, pass.queued), (None, 0), "tick at {tick}");
+    }
+    assert!(world.store.current_run().await.unwrap().is_none());
+
+    // 22:00 BST: the night opens, due at 06:00 GMT, after the clocks go back.
+    let night = dispatcher
+        .open_night(at("2026-10-24T21:00:00Z"), "schedule")
+        .await
+        .unwrap();
+    assert_eq!(night.queued, 3);
+    let run = world.store.current_run().await.unwrap().unwrap();
+    assert_eq!(run.deadline, at("2026-10-25T06:00:00Z"));
+    // The schedule delivered twice opens nothing more.
+    let again = dispatcher
+        .open_night(at("2026-10-24T21:00:05Z"), "schedule")
+        .await
+        .unwrap();
+    assert_eq!(again.run_id.as_deref(), Some(run.id.as_str()));
+
+    // 23:00: more work arrives and the next tick queues it in the open run.
+    world.add_tasks(2).await;
+    let tick = dispatcher
+        .pass(at("2026-10-24T22:00:00Z"), "tick")
+        .await
+        .unwrap();
+    assert_eq!(
+        (tick.run_id.as_deref(), tick.queued),
+        (Some(run.id.as_str()), 2)
+    );
+
+    // The night's work ends; the run closes.
+    world.finish_all(&run.id).await;
+    let closing = dispatcher
+        .pass(at("2026-10-25T02:00:00Z"), "tick")
+        .await
+        .unwrap();
+    assert!(closing.closed, "{closing:?}");
+
+    // Sunday 15:00 GMT: new work waits again; the tick opens nothing.
+    world.add_tasks(1).await;
+    let afternoon = dispatcher
+        .pass(at("2026-10-25T15:00:00Z"), "tick")
+        .await
+        .unwrap();
+    assert_eq!((afternoon.run_id, afternoon.queued), (None, 0));
+    assert!(world.store.current_run().await.unwrap().is_none());
 }

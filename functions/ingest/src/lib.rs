@@ -22,6 +22,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use nightshift_core::config;
 use nightshift_core::limits::ClaimCheck;
+use nightshift_core::night::NightWindow;
 use nightshift_core::ports::{BlobStore, RunStore, TaskReader, TaskWriter};
 
 pub use error::ApiError;
@@ -39,6 +40,8 @@ pub struct Api {
     pub limits: Limits,
     /// Which payloads go to the bucket, and under which key.
     pub claim_check: ClaimCheck,
+    /// When a run opened now must be done by.
+    pub night: NightWindow,
 }
 
 /// The API's configuration: what it reaches and what it accepts.
@@ -51,6 +54,7 @@ pub struct Config {
     pub dispatcher_function: String,
     pub limits: Limits,
     pub claim_check: ClaimCheck,
+    pub night: NightWindow,
 }
 
 impl Config {
@@ -62,6 +66,7 @@ impl Config {
             bucket: config::required(env, "NIGHTSHIFT_BUCKET")?,
             pending_shards: config::parsed_or(env, "NIGHTSHIFT_PENDING_SHARDS", 8)?,
             dispatcher_function: config::required(env, "NIGHTSHIFT_DISPATCHER_FUNCTION")?,
+            night: config::night_window(env)?,
             limits: Limits::new(
                 max_payload_bytes,
                 &config::required(env, "NIGHTSHIFT_KERNELS")?,

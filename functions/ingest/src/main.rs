@@ -31,6 +31,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         )),
         limits: config.limits,
         claim_check: config.claim_check,
+        night: config.night,
     };
     lambda_http::run(router(api)).await
 }

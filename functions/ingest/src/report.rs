@@ -18,9 +18,10 @@ use crate::error::ApiError;
 /// dispatcher. 201 for a new run, 200 for the one already open.
 pub async fn start_run(State(api): State<Arc<Api>>) -> Result<(StatusCode, Json<Value>), ApiError> {
     let new_id = uuid::Uuid::new_v4().to_string();
+    let now = Utc::now();
     let (run, created) = api
         .runs
-        .open_run(&new_id, Utc::now())
+        .open_run(&new_id, now, api.night.deadline(now))
         .await
         .map_err(ApiError::from_store)?;
     // The schedule would reach the run anyway; waking the dispatcher only

@@ -51,6 +51,7 @@ fn fixture() -> Fixture {
         trigger: trigger.clone(),
         limits,
         claim_check: nightshift_core::limits::ClaimCheck::new(100),
+        night: nightshift_core::night::NightWindow::parse("06:00", "Europe/London").unwrap(),
     });
     Fixture {
         store,
@@ -364,6 +365,7 @@ async fn a_key_claimed_by_a_concurrent_request_refuses_all_of_this_one() {
         trigger: f.trigger.clone(),
         limits,
         claim_check: nightshift_core::limits::ClaimCheck::new(100),
+        night: nightshift_core::night::NightWindow::parse("06:00", "Europe/London").unwrap(),
     });
     let (status, error) = call(&racing, "POST", "/tasks", &mixed_batch()).await;
     assert_eq!(status, StatusCode::CONFLICT, "{error}");

@@ -334,7 +334,11 @@ async fn a_worker_that_cannot_work_exits_with_failure() {
 #[tokio::test]
 async fn an_idle_worker_waits_while_its_run_has_work_for_the_next_pass() {
     let rig = Rig::new();
-    let (run, _) = rig.runs.open_run("r1", Utc::now()).await.unwrap();
+    let (run, _) = rig
+        .runs
+        .open_run("r1", Utc::now(), Utc::now() + chrono::Duration::hours(8))
+        .await
+        .unwrap();
     assert!(
         rig.runs
             .acquire_lease(&run.id, "d", Utc::now(), Duration::from_secs(60))
@@ -364,7 +368,10 @@ async fn an_idle_worker_waits_while_its_run_has_work_for_the_next_pass() {
 #[tokio::test]
 async fn messages_of_a_run_that_is_over_are_dropped_unrun() {
     let rig = Rig::new();
-    rig.runs.open_run("old", Utc::now()).await.unwrap();
+    rig.runs
+        .open_run("old", Utc::now(), Utc::now() + chrono::Duration::hours(8))
+        .await
+        .unwrap();
     rig.runs.close_run("old", Utc::now()).await.unwrap();
     rig.add_to("stale", "old", "sleep", json!({"seconds": 0}));
     rig.worker().run(never()).await.unwrap();

@@ -33,6 +33,7 @@ pub(super) const INTERRUPTIONS: &str = "interruptions";
 pub(super) const SEEN_EVENTS: &str = "seen_events";
 pub(super) const INSTANCE_ID: &str = "instance_id";
 pub(super) const STARTED_AT: &str = "started_at";
+pub(super) const DEADLINE: &str = "deadline";
 pub(super) const FINISHED_AT: &str = "finished_at";
 pub(super) const DURATION_MS: &str = "duration_ms";
 pub(super) const RESULT: &str = "result";
@@ -296,6 +297,8 @@ pub(super) fn run_from_item(item: &Item) -> Result<Run, Error> {
         state: RunState::parse(&state).ok_or_else(|| Error::malformed("run state", state))?,
         started_at: opt_time(item, STARTED_AT)?
             .ok_or_else(|| Error::malformed("run", "no started_at"))?,
+        deadline: opt_time(item, DEADLINE)?
+            .ok_or_else(|| Error::malformed("run", "no deadline"))?,
         finished_at: opt_time(item, FINISHED_AT)?,
         queued: opt_n(item, QUEUED)?.unwrap_or(0),
         done: opt_n(item, DONE)?.unwrap_or(0),

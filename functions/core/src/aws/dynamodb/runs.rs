@@ -34,7 +34,12 @@ impl RunStore for DynamoStore {
         self.run(&req_s(&pointer, CURRENT_RUN_ID)?).await
     }
 
-    async fn open_run(&self, new_run_id: &str, now: DateTime<Utc>) -> Result<(Run, bool), Error> {
+    async fn open_run(
+        &self,
+        new_run_id: &str,
+        now: DateTime<Utc>,
+        deadline: DateTime<Utc>,
+    ) -> Result<(Run, bool), Error> {
         if let Some(run) = self.current_run().await? {
             return Ok((run, false));
         }
@@ -45,6 +50,7 @@ impl RunStore for DynamoStore {
             (ID.to_owned(), s(new_run_id)),
             (STATE.to_owned(), s(RunState::Open.as_str())),
             (STARTED_AT.to_owned(), s(&timestamp(now))),
+            (DEADLINE.to_owned(), s(&timestamp(deadline))),
             (QUEUED.to_owned(), num(0)),
             (DONE.to_owned(), num(0)),
             (FAILED.to_owned(), num(0)),
