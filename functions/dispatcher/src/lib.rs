@@ -133,6 +133,8 @@ pub struct Pass {
     pub terminated: usize,
     /// Pending tasks were left for the next pass: the run had no more room.
     pub waiting: bool,
+    /// The run is still open after its deadline.
+    pub past_deadline: bool,
     pub closed: bool,
     /// Objects of the closed run that no task holds, removed.
     pub swept: usize,
@@ -187,8 +189,13 @@ impl Dispatcher<'_> {
         let mut pass = Pass {
             run_id: Some(run.id.clone()),
             terminated,
+            past_deadline: now > run.deadline,
             ..Pass::default()
         };
+        if pass.past_deadline {
+            // The phrase the template's metric filter counts (RunPastDeadlineAlarm).
+            tracing::warn!(run_id = %run.id, deadline = %run.deadline, "run open past its deadline");
+        }
         if !self
             .runs
             .acquire_lease(&run.id, owner, now, self.settings.lease_ttl)

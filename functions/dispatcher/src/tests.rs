@@ -702,11 +702,19 @@ async fn work_waits_for_the_night_and_the_night_ends_by_the_wall_clock() {
         (tick.run_id.as_deref(), tick.queued),
         (Some(run.id.as_str()), 2)
     );
+    assert!(!tick.past_deadline);
+
+    // Still open at 06:30 GMT: past its deadline, which the pass says.
+    let late = dispatcher
+        .pass(at("2026-10-25T06:30:00Z"), "tick")
+        .await
+        .unwrap();
+    assert!(late.past_deadline, "{late:?}");
 
     // The night's work ends; the run closes.
     world.finish_all(&run.id).await;
     let closing = dispatcher
-        .pass(at("2026-10-25T02:00:00Z"), "tick")
+        .pass(at("2026-10-25T07:00:00Z"), "tick")
         .await
         .unwrap();
     assert!(closing.closed, "{closing:?}");
