@@ -222,19 +222,11 @@ impl Stack {
     /// Visible plus in-flight messages.
     /// Messages received and not yet deleted or visible again.
     pub async fn queue_in_flight(&self, url_key: &str) -> u64 {
-        let attributes = self
-            .sqs
-            .get_queue_attributes()
-            .queue_url(&self.env[url_key])
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .unwrap();
-        attributes
-            .attributes()
-            .and_then(|a| a.get(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        self.queue_counts(
+            url_key,
+            &[QueueAttributeName::ApproximateNumberOfMessagesNotVisible],
+        )
+        .await
     }
 
     /// Receives and deletes every visible message of a queue; the task id
@@ -270,27 +262,36 @@ impl Stack {
     }
 
     pub async fn queue_depth(&self, url_key: &str) -> u64 {
+        self.queue_counts(
+            url_key,
+            &[
+                QueueAttributeName::ApproximateNumberOfMessages,
+                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            ],
+        )
+        .await
+    }
+
+    /// The sum of these count attributes of a queue.
+    async fn queue_counts(&self, url_key: &str, names: &[QueueAttributeName]) -> u64 {
         let attributes = self
             .sqs
             .get_queue_attributes()
             .queue_url(&self.env[url_key])
-            .attribute_names(QueueAttributeName::All)
+            .set_attribute_names(Some(names.to_vec()))
             .send()
             .await
             .unwrap();
         let attributes = attributes.attributes().unwrap();
-        [
-            QueueAttributeName::ApproximateNumberOfMessages,
-            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-        ]
-        .iter()
-        .map(|name| {
-            attributes
-                .get(name)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
+        names
+            .iter()
+            .map(|name| {
+                attributes
+                    .get(name)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 
     /// Sends a result for a task as a worker `i-0duplicate` would: the
@@ -455,28 +456,34 @@ pub fn calls_dir() -> PathBuf {
 }
 
 impl Stack {
+    fn calls_file(&self) -> PathBuf {
+        self.dir.path().join("calls.jsonl")
+    }
+
+    /// Each IAM action the stack's proxy authorized or refused so far, as
+    /// recorded (role, operation, action, resource, and the statement).
+    pub fn recorded_calls(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.calls_file())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
     /// Keeps the calls this stack recorded, and fails the test when a role's
     /// policies refused one of them.
     fn keep_calls(&self) {
-        let recorded = self.dir.path().join("calls.jsonl");
-        let Ok(text) = std::fs::read_to_string(&recorded) else {
-            return;
-        };
         let dir = calls_dir();
         let _ = std::fs::create_dir_all(&dir);
-        let name = self
-            .dir
-            .path()
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        let _ = std::fs::write(dir.join(format!("{name}.jsonl")), &text);
-        let refused: Vec<&str> = text
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<Value>(line).is_ok_and(|call| call["sid"].is_null())
-            })
+        let name = self.dir.path().file_name().unwrap().to_string_lossy();
+        if std::fs::copy(self.calls_file(), dir.join(format!("{name}.jsonl"))).is_err() {
+            return;
+        }
+        let refused: Vec<String> = self
+            .recorded_calls()
+            .into_iter()
+            .filter(|call| call["sid"].is_null())
+            .map(|call| call.to_string())
             .collect();
         assert!(
             refused.is_empty() || std::thread::panicking(),

@@ -66,13 +66,13 @@ impl Call<'_> {
         }
     }
 
-    /// The IAM actions and resources this call is authorized by.
-    pub fn asks(&self, region: &str, account: &str) -> Vec<Ask> {
-        let (service, operation) = self.operation();
+    /// The IAM actions and resources this call, of `service` and
+    /// `operation` (as `operation()` reads them), is authorized by.
+    pub fn asks(&self, service: &str, operation: &str, region: &str, account: &str) -> Vec<Ask> {
         match service {
-            "dynamodb" => self.dynamodb_asks(&operation, region, account),
-            "sqs" => vec![self.sqs_ask(&operation, region, account)],
-            "s3" => self.s3_asks(&operation),
+            "dynamodb" => self.dynamodb_asks(operation, region, account),
+            "sqs" => vec![self.sqs_ask(operation, region, account)],
+            "s3" => self.s3_asks(operation),
             "lambda" => {
                 let name = self.uri.path().split('/').nth(3).unwrap_or_default();
                 vec![Ask {
@@ -268,13 +268,14 @@ mod tests {
         for (name, value) in headers {
             map.insert(*name, HeaderValue::from_str(value).unwrap());
         }
-        Call {
+        let call = Call {
             method: &method,
             uri: &uri,
             headers: &map,
             body: body.as_bytes(),
-        }
-        .asks("r", "1")
+        };
+        let (service, operation) = call.operation();
+        call.asks(service, &operation, "r", "1")
     }
 
     fn ask(action: &str, resource: &str) -> Ask {

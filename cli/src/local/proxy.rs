@@ -111,7 +111,7 @@ async fn handle(
     let (service, operation) = call.operation();
     let signer = call.signer();
     let recorded: Vec<Recorded> = call
-        .asks(&signer.region, &proxy.account)
+        .asks(service, &operation, &signer.region, &proxy.account)
         .into_iter()
         .map(|ask| Recorded {
             sid: proxy

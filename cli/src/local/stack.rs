@@ -75,30 +75,23 @@ pub async fn create(
 }
 
 /// Each resource's type and physical id by logical id, and the account the
-/// stack lives in (from its id, an ARN).
+/// stack lives in (from the stack's id, an ARN, which each resource names).
 pub async fn physical(
     client: &Client,
     name: &str,
 ) -> Result<(BTreeMap<String, (String, String)>, String), CliError> {
-    let stack = client
-        .describe_stacks()
-        .stack_name(name)
-        .send()
-        .await
-        .map_err(|e| CliError::aws("DescribeStacks", e))?;
-    let account = stack
-        .stacks()
-        .first()
-        .and_then(|s| s.stack_id())
-        .and_then(|arn| arn.split(':').nth(4))
-        .ok_or_else(|| CliError::Local(format!("stack {name} has no id")))?
-        .to_owned();
     let resources = client
         .describe_stack_resources()
         .stack_name(name)
         .send()
         .await
         .map_err(|e| CliError::aws("DescribeStackResources", e))?;
+    let account = resources
+        .stack_resources()
+        .iter()
+        .find_map(|r| r.stack_id()?.split(':').nth(4))
+        .ok_or_else(|| CliError::Local(format!("stack {name} has no id")))?
+        .to_owned();
     let physical = resources
         .stack_resources()
         .iter()

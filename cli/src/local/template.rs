@@ -86,12 +86,9 @@ impl Template {
     pub fn without_functions(&self) -> Result<Value, TemplateError> {
         let resources = self.resources()?;
         let mut removed: BTreeSet<String> = resources
-            .iter()
-            .filter(|(_, r)| {
-                let kind = r["Type"].as_str().unwrap_or_default();
-                kind.starts_with("AWS::Serverless::") || kind.starts_with("AWS::Lambda::")
-            })
-            .map(|(name, _)| name.clone())
+            .keys()
+            .filter(|name| self.is_function(name))
+            .cloned()
             .collect();
         // Anything that refers to a removed resource goes too, until stable.
         loop {

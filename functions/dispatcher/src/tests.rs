@@ -77,6 +77,14 @@ impl World {
         self.store.commit("r", &tasks).await.unwrap();
     }
 
+    /// A pass at the night's start, now (it opens a run if work is pending).
+    async fn open_night(&self, owner: &str) -> Pass {
+        self.dispatcher()
+            .open_night(Utc::now(), owner)
+            .await
+            .unwrap()
+    }
+
     async fn add_tasks(&self, n: usize) {
         self.add(n, json!({"seconds": 0})).await;
     }
@@ -124,11 +132,7 @@ fn distinct(mut ids: Vec<String>) -> bool {
 async fn pending_tasks_are_queued_in_batches_of_ten_and_workers_launched() {
     let world = World::new(1000);
     world.add_tasks(25).await;
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d1")
-        .await
-        .unwrap();
+    let pass = world.open_night("d1").await;
     assert_eq!(pass.queued, 25);
     assert_eq!(world.sent_task_ids().len(), 25);
     assert!(
@@ -188,11 +192,7 @@ async fn passes_at_once_queue_each_task_once_and_launch_one_fleet() {
     assert!(distinct(world.sent_task_ids()), "no task is sent twice");
     assert_eq!(world.fleet.launches(), 1);
     // A later pass finds the fleet big enough and launches nothing more.
-    let again = world
-        .dispatcher()
-        .open_night(Utc::now(), "d3")
-        .await
-        .unwrap();
+    let again = world.open_night("d3").await;
     assert_eq!((again.queued, again.launched), (0, 0));
 }
 
@@ -294,11 +294,7 @@ async fn a_held_lease_makes_a_pass_skip() {
             .await
             .unwrap()
     );
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "me")
-        .await
-        .unwrap();
+    let pass = world.open_night("me").await;
     assert_eq!(
         pass.skipped,
         Some("another dispatcher holds the run's lease")
@@ -321,29 +317,17 @@ async fn a_held_lease_makes_a_pass_skip() {
 async fn the_backlog_is_capped_and_the_rest_waits_for_room() {
     let world = World::new(10);
     world.add_tasks(25).await;
-    let first = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let first = world.open_night("d").await;
     assert_eq!((first.queued, first.waiting), (10, true));
     let run_id = first.run_id.unwrap();
     assert!(
         world.store.run(&run_id).await.unwrap().unwrap().waiting,
         "workers are told to wait"
     );
-    let second = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let second = world.open_night("d").await;
     assert_eq!((second.queued, second.closed), (0, false), "no room yet");
     world.finish_all(&run_id).await;
-    let third = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let third = world.open_night("d").await;
     assert_eq!((third.queued, third.waiting), (10, true));
 }
 
@@ -354,11 +338,7 @@ async fn a_backlog_of_large_payloads_is_queued_in_one_pass() {
     world
         .add(40, json!({"seconds": 0, "data": "x".repeat(130_000)}))
         .await;
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert_eq!(pass.queued, 40, "{pass:?}");
     // And no SQS batch was over 1 MiB (the queue refuses those).
     assert!(distinct(world.sent_task_ids()));
@@ -369,11 +349,7 @@ async fn batches_are_split_by_bytes() {
     // Ten tasks of 105 KB are over SQS's 1 MiB for one batch.
     let world = World::new(1000);
     world.add(12, json!({"data": "y".repeat(105 * 1024)})).await;
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert_eq!(pass.queued, 12);
 }
 
@@ -396,11 +372,7 @@ async fn a_task_is_never_sent_twice_in_one_pass() {
     assert_eq!(world.sent_task_ids().len(), 5);
     assert!(distinct(world.sent_task_ids()));
     // The next pass sends them again (at least once), and queues them.
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert_eq!(pass.queued, 5);
 }
 
@@ -460,18 +432,10 @@ async fn a_run_does_not_close_while_an_index_page_of_stale_entries_hides_pending
 async fn lost_workers_are_replaced_while_work_remains() {
     let world = World::new(1000);
     world.add_tasks(6).await;
-    world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    world.open_night("d").await;
     let lost = world.fleet.active()[0].clone();
     world.fleet.lose(&lost);
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert_eq!(pass.launched, 1);
     let run = world
         .store
@@ -486,20 +450,12 @@ async fn lost_workers_are_replaced_while_work_remains() {
 async fn a_launch_not_yet_shown_by_ec2_is_not_launched_again() {
     let world = World::new(1000);
     world.add_tasks(6).await;
-    world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    world.open_night("d").await;
     // DescribeInstances lags: it shows none of the three just launched.
     for id in world.fleet.active() {
         world.fleet.hide(&id);
     }
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert_eq!(pass.launched, 0, "the recorded launches count");
     // Long after, an instance EC2 never showed no longer counts.
     let later = Utc::now() + chrono::Duration::minutes(10);
@@ -531,17 +487,9 @@ async fn a_lost_fleet_answer_does_not_block_later_passes() {
     // the next pass asks for another count under the same request number.
     let first = world.fleet.active()[0].clone();
     world.fleet.lose(&first);
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert_eq!(pass.launched, 1, "a new request, not a mismatch");
-    let again = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let again = world.open_night("d").await;
     assert!(again.skipped.is_none());
 }
 
@@ -555,29 +503,15 @@ async fn workers_of_no_open_run_and_past_their_lifetime_are_terminated() {
     world
         .fleet
         .add_running("i-fresh", "finished-run", Utc::now());
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert_eq!(pass.terminated, 1);
     assert_eq!(world.fleet.terminated(), vec!["i-old-run".to_owned()]);
     // A worker of the open run is kept until it outlives its lifetime.
     world.add_tasks(2).await;
-    let run_id = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap()
-        .run_id
-        .unwrap();
+    let run_id = world.open_night("d").await.run_id.unwrap();
     world.fleet.add_running("i-ancient", &run_id, long_ago);
     world.fleet.add_running("i-young", &run_id, Utc::now());
-    world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    world.open_night("d").await;
     let terminated = world.fleet.terminated();
     assert!(
         terminated.contains(&"i-ancient".to_owned()) && !terminated.contains(&"i-young".to_owned())
@@ -588,26 +522,14 @@ async fn workers_of_no_open_run_and_past_their_lifetime_are_terminated() {
 async fn a_run_closes_when_every_task_ended_and_nothing_is_pending() {
     let world = World::new(1000);
     world.add_tasks(2).await;
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     let run_id = pass.run_id.unwrap();
     assert!(!pass.closed);
     world.finish_all(&run_id).await;
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert!(pass.closed);
     assert!(world.store.current_run().await.unwrap().is_none());
-    let idle = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let idle = world.open_night("d").await;
     assert_eq!(idle.skipped, Some("no open run"));
 }
 
@@ -615,13 +537,7 @@ async fn a_run_closes_when_every_task_ended_and_nothing_is_pending() {
 async fn closing_a_run_removes_the_objects_no_task_holds() {
     let world = World::new(1000);
     world.add_tasks(1).await;
-    let run_id = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap()
-        .run_id
-        .unwrap();
+    let run_id = world.open_night("d").await.run_id.unwrap();
     let kept = ClaimCheck::result_key(&run_id, "task-000", "m1-2");
     let duplicate = ClaimCheck::result_key(&run_id, "task-000", "m1-1");
     let checkpoint = ClaimCheck::checkpoint_key(&run_id, "task-000");
@@ -642,11 +558,7 @@ async fn closing_a_run_removes_the_objects_no_task_holds() {
         },
     };
     world.store.record_results(&[result]).await.unwrap();
-    let pass = world
-        .dispatcher()
-        .open_night(Utc::now(), "d")
-        .await
-        .unwrap();
+    let pass = world.open_night("d").await;
     assert!(pass.closed);
     assert_eq!(pass.swept, 2);
     let mut left = world.blobs.keys();
