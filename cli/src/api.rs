@@ -79,9 +79,26 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value), CliError> {
-        let url = format!("{}{path}", self.base);
         let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+        let answer = self.send(method, path, body, "application/json").await?;
+        let value = serde_json::from_str(&answer.text).unwrap_or(Value::String(answer.text));
+        Ok((answer.status, value))
+    }
+
+    /// Sends a request accepting `accept`, signed when credentials were
+    /// given; an answer of 400 or more is an error.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: String,
+        accept: &str,
+    ) -> Result<Answer, CliError> {
+        let url = format!("{}{path}", self.base);
+        let mut headers = vec![
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("accept".to_owned(), accept.to_owned()),
+        ];
         if let Some(signer) = &self.signer {
             headers.extend(signer.sign(method.as_str(), &url, &headers, body.as_bytes())?);
         }
@@ -98,21 +115,35 @@ impl Api {
         };
         let response = request.send().await.map_err(http_error)?;
         let status = response.status().as_u16();
+        let headers = response.headers().clone();
         let text = response.text().await.map_err(http_error)?;
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status == 403 && self.signer.is_none() {
             return Err(CliError::Usage(format!(
                 "the API at {url} refused an unsigned request: give AWS credentials"
             )));
         }
         if status >= 400 {
-            return Err(CliError::Api {
-                status,
-                body: value.to_string(),
-            });
+            return Err(CliError::Api { status, body: text });
         }
-        Ok((status, value))
+        Ok(Answer {
+            status,
+            headers,
+            text,
+        })
     }
+
+    /// The base URL requests go to.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+}
+
+/// An answer of the API under 400.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
 }
 
 impl Signer {

@@ -1,6 +1,5 @@
 //! Commands that talk to the API: the demo, runs and their reports.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
@@ -11,6 +10,10 @@ use serde_json::{Value, json};
 use crate::CliError;
 use crate::api::Api;
 use crate::local;
+
+/// How long the demo waits, after its run, for every worker to end, so
+/// that the cost it prints is final.
+const INSTANCES_END_WITHIN: Duration = Duration::from_secs(90);
 
 /// One client for the local stack's control calls.
 static HTTP: LazyLock<reqwest::Client> = LazyLock::new(reqwest::Client::new);
@@ -85,7 +88,8 @@ pub async fn demo(
         .to_owned();
     println!("run {run_id} started");
     follow(api, &run_id, ids as u64, timeout).await?;
-    print_report(api, &run_id).await?;
+    crate::report::await_final_cost(api, &run_id, INSTANCES_END_WITHIN).await?;
+    crate::report::print(api, &run_id, crate::report::Format::Table).await?;
     println!("demo took {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -144,71 +148,6 @@ pub async fn show_run(api: &Api, run_id: &str) -> Result<(), CliError> {
         .call(reqwest::Method::GET, &format!("/runs/{run_id}"), None)
         .await?;
     println!("{}", serde_json::to_string_pretty(&run).unwrap_or_default());
-    Ok(())
-}
-
-pub async fn print_report(api: &Api, run_id: &str) -> Result<(), CliError> {
-    let (_, report) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/runs/{run_id}/report"),
-            None,
-        )
-        .await?;
-    let empty = Vec::new();
-    let tasks = report["tasks"].as_array().unwrap_or(&empty);
-    println!();
-    println!(
-        "{:<10} {:<8} {:<21} {:>8} {:>10}  result",
-        "account", "status", "worker", "attempts", "duration"
-    );
-    for task in tasks {
-        let duration = task["duration_ms"]
-            .as_u64()
-            .map_or("-".to_owned(), |ms| format!("{:.2}s", ms as f64 / 1000.0));
-        let outcome = task["summary"]
-            .as_str()
-            .or(task["error"].as_str())
-            .unwrap_or("-");
-        println!(
-            "{:<10} {:<8} {:<21} {:>8} {:>10}  {}",
-            task["account"].as_str().unwrap_or("?"),
-            task["status"].as_str().unwrap_or("?"),
-            task["instance_id"].as_str().unwrap_or("-"),
-            task["attempts"].as_u64().unwrap_or(0),
-            duration,
-            outcome,
-        );
-    }
-    let workers: BTreeSet<&str> = tasks
-        .iter()
-        .filter_map(|t| t["instance_id"].as_str())
-        .collect();
-    let run = &report["run"];
-    println!();
-    println!("workers:");
-    if let Some(lines) = report["workers"].as_object() {
-        for (instance, line) in lines {
-            println!(
-                "  {instance:<21} {:>4} tasks  {:>8.1}s busy",
-                line["tasks"],
-                line["busy_ms"].as_f64().unwrap_or(0.0) / 1000.0
-            );
-        }
-    }
-    println!(
-        "run {}: {}, {} done, {} failed of {} queued; {} distinct workers processed tasks, {} launched; wall time {}",
-        run["id"].as_str().unwrap_or("?"),
-        run["state"].as_str().unwrap_or("?"),
-        run["done"],
-        run["failed"],
-        run["queued"],
-        workers.len(),
-        run["instances"].as_array().map_or(0, Vec::len),
-        report["wall_ms"]
-            .as_f64()
-            .map_or("-".to_owned(), |ms| format!("{:.1}s", ms / 1000.0)),
-    );
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 mod api;
 mod client;
 mod local;
+mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -113,9 +114,13 @@ enum RunCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// The morning report of a run.
+    /// The morning report of a run: every task, each instance, the cost.
+    ///
+    /// Example: nightshift run report 3f2c… --format csv > night.csv
     Report {
         run_id: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: report::Format,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -407,9 +412,11 @@ async fn execute(command: Command) -> Result<(), CliError> {
             RunCommand::Status { run_id, api } => {
                 client::show_run(&api.connect().await?, &run_id).await
             }
-            RunCommand::Report { run_id, api } => {
-                client::print_report(&api.connect().await?, &run_id).await
-            }
+            RunCommand::Report {
+                run_id,
+                format,
+                api,
+            } => report::print(&api.connect().await?, &run_id, format).await,
         },
     }
 }

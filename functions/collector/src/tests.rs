@@ -124,6 +124,7 @@ async fn attempts_count_once_and_dead_letters_fail_the_task_with_its_last_error(
         task_id: "t1".into(),
         run_id: "r1".into(),
         instance_id: "i-1".into(),
+        started_at: None,
         at: Utc::now(),
         error: Some("program exited with 3".into()),
     });

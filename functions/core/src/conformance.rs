@@ -18,7 +18,9 @@ use serde_json::json;
 
 use crate::limits::RESULT_TOO_LARGE;
 use crate::message::{AttemptEvent, TaskOutcome, TaskResult};
-use crate::model::{Blob, Idempotency, Launched, NewTask, TaskStatus};
+use crate::model::{
+    AttemptRecord, Blob, Idempotency, InstanceSeen, Launched, NewTask, SpotPrice, TaskStatus,
+};
 use crate::ports::{
     AttemptKind, InsertOutcome, PendingTasks, RecordOutcome, ResultRecorder, RunStore, TaskReader,
     TaskWriter,
@@ -56,6 +58,7 @@ pub async fn run_all(store: &dyn Store, shards: u32) {
     suite
         .one_run_opens_and_one_dispatcher_holds_its_lease_however_many_race()
         .await;
+    suite.runs_and_their_tasks_are_read_page_by_page().await;
 }
 
 struct Suite<'a> {
@@ -295,6 +298,13 @@ impl Suite<'_> {
         let run = self.open().await;
         let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
         self.store.mark_queued(&run, &ids).await.unwrap();
+        let workers = ["i-conformance", "i-other"].map(|id| Launched::new(id, at(0), None, None));
+        assert!(
+            self.store
+                .record_fleet(&run, 0, &workers, &[])
+                .await
+                .unwrap()
+        );
 
         let first = self.result(&tasks[0], &run, Self::done(json!({"v": 1})));
         let batch = vec![
@@ -343,6 +353,18 @@ impl Suite<'_> {
         );
         let counted = self.store.run(&run).await.unwrap().unwrap();
         assert_eq!((counted.queued, counted.done, counted.failed), (3, 1, 1));
+        assert_eq!(
+            counted
+                .instances
+                .iter()
+                .map(|i| (i.id.as_str(), i.tasks, i.busy_ms))
+                .collect::<Vec<_>>(),
+            [
+                ("i-conformance", 2, 2 * first.duration_ms()),
+                ("i-other", 0, 0)
+            ],
+            "each instance counts the tasks it ended, once"
+        );
         let reported = self.store.run_tasks(&run).await.unwrap();
         let reported_ids: BTreeSet<String> = reported.iter().map(|t| t.id.clone()).collect();
         assert_eq!(reported_ids, ids.iter().cloned().collect());
@@ -435,6 +457,7 @@ impl Suite<'_> {
             task_id: task.id.clone(),
             run_id: run.clone(),
             instance_id: "i-1".into(),
+            started_at: Some(at(0)),
             at: at(1),
             error: error.map(str::to_owned),
         };
@@ -484,6 +507,29 @@ impl Suite<'_> {
                 read.last_error.as_deref()
             ),
             (TaskStatus::Failed, 1, 1, Some("worker ran out of memory"))
+        );
+        assert_eq!(
+            read.attempt_log,
+            vec![
+                AttemptRecord {
+                    instance_id: "i-1".into(),
+                    started_at: Some(at(0)),
+                    ended_at: at(1),
+                    outcome: AttemptKind::Failed,
+                },
+                AttemptRecord {
+                    instance_id: "i-1".into(),
+                    started_at: Some(at(0)),
+                    ended_at: at(1),
+                    outcome: AttemptKind::Interrupted,
+                },
+            ],
+            "each attempt is logged once, in order"
+        );
+        let reported = self.store.run_tasks(&run).await.unwrap();
+        assert_eq!(
+            reported[0].attempt_log, read.attempt_log,
+            "the run's index carries the attempts"
         );
         let late = event("m1:3", Some("late"));
         assert_eq!(
@@ -559,19 +605,87 @@ impl Suite<'_> {
             "a released lease is free"
         );
 
-        let launched = vec![Launched {
-            id: "i-0aaa".into(),
-            launched_at: at(3),
-            instance_type: Some("c7g.large".into()),
-            lifecycle: Some("spot".into()),
+        let launched = vec![
+            Launched::new(
+                "i-0aaa",
+                at(3),
+                Some("c7g.large".into()),
+                Some("spot".into()),
+            ),
+            Launched::new(
+                "i-0bbb",
+                at(3),
+                Some("c7g.large".into()),
+                Some("spot".into()),
+            ),
+        ];
+        let prices = vec![SpotPrice {
+            instance_type: "c7g.large".into(),
+            zone: "us-east-1a".into(),
+            usd_per_hour: 0.0312,
+            read_at: at(3),
         }];
-        assert!(self.store.record_fleet(&run, 0, &launched).await.unwrap());
         assert!(
-            !self.store.record_fleet(&run, 0, &launched).await.unwrap(),
+            self.store
+                .record_fleet(&run, 0, &launched, &prices)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !self
+                .store
+                .record_fleet(&run, 0, &launched, &prices)
+                .await
+                .unwrap(),
             "a request is recorded once"
         );
         let read = self.store.run(&run).await.unwrap().unwrap();
-        assert_eq!((read.fleet_requests, read.instances.clone()), (1, launched));
+        assert_eq!(
+            (
+                read.fleet_requests,
+                read.instances.clone(),
+                read.spot_prices
+            ),
+            (1, launched, prices)
+        );
+
+        let seen = |id: &str, zone: &str, ended: Option<i64>| InstanceSeen {
+            id: id.into(),
+            zone: Some(zone.into()),
+            ended_at: ended.map(at),
+        };
+        self.store
+            .record_instances(&run, &[seen("i-0aaa", "us-east-1a", None)])
+            .await
+            .unwrap();
+        self.store
+            .record_instances(
+                &run,
+                &[
+                    seen("i-0aaa", "us-east-1b", Some(9)),
+                    seen("i-0bbb", "us-east-1c", Some(8)),
+                ],
+            )
+            .await
+            .unwrap();
+        self.store
+            .record_instances(&run, &[seen("i-0bbb", "us-east-1c", Some(10))])
+            .await
+            .unwrap();
+        let read = self.store.run(&run).await.unwrap().unwrap();
+        let recorded: Vec<_> = read
+            .instances
+            .iter()
+            .map(|i| (i.id.as_str(), i.zone.as_deref(), i.ended_at))
+            .collect();
+        assert_eq!(
+            recorded,
+            [
+                ("i-0aaa", Some("us-east-1a"), Some(at(9))),
+                ("i-0bbb", Some("us-east-1c"), Some(at(8))),
+            ],
+            "each field is recorded once, at its first sighting"
+        );
 
         assert!(self.store.close_run(&run, Utc::now()).await.unwrap());
         assert!(
@@ -579,6 +693,63 @@ impl Suite<'_> {
             "closed once"
         );
         assert!(self.store.current_run().await.unwrap().is_none());
+    }
+
+    async fn runs_and_their_tasks_are_read_page_by_page(&self) {
+        let tasks: Vec<NewTask> = (0..5)
+            .map(|i| self.task(&format!("paged-{i}"), json!({"seconds": 0})))
+            .collect();
+        self.add(&tasks).await;
+        // Runs are listed by their start, to the millisecond.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let run = self.open().await;
+        let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+        self.store.mark_queued(&run, &ids).await.unwrap();
+        let mut read = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page = self
+                .store
+                .run_tasks_page(&run, 2, after.as_ref())
+                .await
+                .unwrap();
+            assert!(page.items.len() <= 2, "a page holds at most its limit");
+            read.extend(page.items.into_iter().map(|t| t.id));
+            pages += 1;
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let mut expected = ids.clone();
+        expected.sort();
+        assert_eq!(read, expected, "every task once, by id");
+        assert!(pages >= 3, "five tasks by two take three pages");
+
+        let first = self.store.runs_page(1, None).await.unwrap();
+        assert_eq!(
+            first
+                .items
+                .iter()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>(),
+            [run.as_str()],
+            "the newest run comes first"
+        );
+        let next = self
+            .store
+            .runs_page(1000, first.next.as_ref())
+            .await
+            .unwrap();
+        assert!(
+            next.items
+                .iter()
+                .all(|r| r.started_at <= first.items[0].started_at),
+            "older runs follow"
+        );
+        assert!(next.items.iter().all(|r| r.id != run));
+        self.store.close_run(&run, Utc::now()).await.unwrap();
     }
 }
 

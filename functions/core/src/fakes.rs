@@ -14,7 +14,10 @@ use chrono::{DateTime, Utc};
 use crate::Error;
 use crate::limits::{ITEM_LIMIT, RESULT_TOO_LARGE, SQS_BATCH_ENTRIES, SQS_MESSAGE_LIMIT};
 use crate::message::{AttemptEvent, TaskOutcome, TaskResult};
-use crate::model::{Launched, NewTask, PendingTask, Run, RunState, Task, TaskStatus};
+use crate::model::{
+    AttemptRecord, InstanceSeen, Launched, NewTask, PendingTask, Run, RunState, SpotPrice, Task,
+    TaskStatus, timestamp,
+};
 use crate::ports::{
     AttemptKind, BlobStore, Cursor, Fleet, InsertOutcome, Outgoing, Page, PendingTasks, Queue,
     Received, RecordOutcome, ResultRecorder, RunReader, RunStore, TaskReader, TaskWriter,
@@ -147,6 +150,7 @@ impl MemoryStore {
                 result: None,
                 summary: None,
                 last_error: None,
+                attempt_log: Vec::new(),
                 request_digest: task.idempotency.as_ref().map(|i| i.request_digest.clone()),
             },
             shard: task.pending_shard(self.shards),
@@ -269,14 +273,25 @@ impl TaskReader for MemoryStore {
             .collect())
     }
 
-    async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error> {
+    async fn run_tasks_page(
+        &self,
+        run_id: &str,
+        limit: usize,
+        after: Option<&Cursor>,
+    ) -> Result<Page<Task>, Error> {
         network().await;
-        Ok(lock(&self.state)
+        let after = cursor_field(after, "task_id")?;
+        let state = lock(&self.state);
+        let tasks: Vec<Task> = state
             .tasks
             .values()
             .filter(|t| t.task.run_id.as_deref() == Some(run_id))
+            .filter(|t| after.as_ref().is_none_or(|after| t.task.id > *after))
             .map(|t| t.task.clone())
-            .collect())
+            .collect();
+        Ok(page_of(tasks, limit, |task| {
+            [("run_id", run_id.to_owned()), ("task_id", task.id.clone())]
+        }))
     }
 }
 
@@ -406,7 +421,19 @@ impl ResultRecorder for MemoryStore {
                 match recorded {
                     Ok(()) => {
                         bump(&mut state, &result.run_id, |run| {
-                            if done { run.done += 1 } else { run.failed += 1 }
+                            if done {
+                                run.done += 1
+                            } else {
+                                run.failed += 1
+                            }
+                            if let Some(instance) = run
+                                .instances
+                                .iter_mut()
+                                .find(|i| i.id == result.instance_id)
+                            {
+                                instance.tasks += 1;
+                                instance.busy_ms += result.duration_ms();
+                            }
                         });
                         if too_large {
                             RecordOutcome::FailedInstead(RESULT_TOO_LARGE.to_owned())
@@ -445,6 +472,12 @@ impl ResultRecorder for MemoryStore {
                 if let Some(error) = &event.error {
                     stored.task.last_error = Some(error.clone());
                 }
+                stored.task.attempt_log.push(AttemptRecord {
+                    instance_id: event.instance_id.clone(),
+                    started_at: event.started_at,
+                    ended_at: event.at,
+                    outcome: kind,
+                });
             },
         );
         Ok(counted.map_or_else(|outcome| outcome, |()| RecordOutcome::Recorded))
@@ -503,6 +536,22 @@ impl RunStore for MemoryStore {
             .cloned())
     }
 
+    async fn runs_page(&self, limit: usize, after: Option<&Cursor>) -> Result<Page<Run>, Error> {
+        network().await;
+        let key = |run: &Run| format!("{} {}", timestamp(run.started_at), run.id);
+        let after = cursor_field(after, "key")?;
+        let mut runs: Vec<Run> = lock(&self.state)
+            .runs
+            .values()
+            .filter(|run| after.as_ref().is_none_or(|after| key(run) < *after))
+            .cloned()
+            .collect();
+        runs.sort_by_key(|run| std::cmp::Reverse(key(run)));
+        Ok(page_of(runs, limit, |run| {
+            [("key", key(run)), ("run", run.id.clone())]
+        }))
+    }
+
     async fn open_run(
         &self,
         new_run_id: &str,
@@ -526,6 +575,7 @@ impl RunStore for MemoryStore {
             instances: Vec::new(),
             fleet_requests: 0,
             waiting: false,
+            spot_prices: Vec::new(),
         };
         state.runs.insert(run.id.clone(), run.clone());
         state.current = Some(run.id.clone());
@@ -574,6 +624,7 @@ impl RunStore for MemoryStore {
         run_id: &str,
         request_number: u32,
         launched: &[Launched],
+        prices: &[SpotPrice],
     ) -> Result<bool, Error> {
         network().await;
         let mut state = lock(&self.state);
@@ -586,7 +637,27 @@ impl RunStore for MemoryStore {
         };
         run.fleet_requests += 1;
         run.instances.extend(launched.iter().cloned());
+        for price in prices {
+            run.spot_prices
+                .retain(|p| (&p.instance_type, &p.zone) != (&price.instance_type, &price.zone));
+            run.spot_prices.push(price.clone());
+        }
         Ok(true)
+    }
+
+    async fn record_instances(&self, run_id: &str, seen: &[InstanceSeen]) -> Result<(), Error> {
+        network().await;
+        let mut state = lock(&self.state);
+        let Some(run) = state.runs.get_mut(run_id) else {
+            return Ok(());
+        };
+        for sighting in seen {
+            if let Some(instance) = run.instances.iter_mut().find(|i| i.id == sighting.id) {
+                instance.zone = instance.zone.take().or_else(|| sighting.zone.clone());
+                instance.ended_at = instance.ended_at.or(sighting.ended_at);
+            }
+        }
+        Ok(())
     }
 
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {
@@ -805,13 +876,30 @@ pub struct FakeFleet {
     state: Mutex<FleetState>,
 }
 
+#[derive(Debug)]
+struct FakeInstance {
+    run_id: String,
+    launched_at: DateTime<Utc>,
+    /// `None` while it runs.
+    ended_at: Option<DateTime<Utc>>,
+}
+
+impl FakeInstance {
+    fn end(&mut self) {
+        self.ended_at = self.ended_at.or_else(|| Some(Utc::now()));
+    }
+}
+
+/// The zone every fake instance runs in, and the spot price there.
+pub const FAKE_ZONE: &str = "us-east-1a";
+pub const FAKE_SPOT_PRICE: f64 = 0.03;
+
 #[derive(Debug, Default)]
 struct FleetState {
     /// The next launch is made but its answer lost.
     lose_next_answer: bool,
     next: u32,
-    /// Instance → (run, launch time, alive).
-    instances: BTreeMap<String, (String, DateTime<Utc>, bool)>,
+    instances: BTreeMap<String, FakeInstance>,
     tokens: BTreeMap<String, Vec<Launched>>,
     terminated: Vec<String>,
 }
@@ -824,7 +912,7 @@ impl FakeFleet {
     /// An instance dies (spot reclaim, or its worker stopped it).
     pub fn lose(&self, instance_id: &str) {
         if let Some(instance) = lock(&self.state).instances.get_mut(instance_id) {
-            instance.2 = false;
+            instance.end();
         }
     }
 
@@ -837,7 +925,7 @@ impl FakeFleet {
         lock(&self.state)
             .instances
             .iter()
-            .filter(|(_, (_, _, alive))| *alive)
+            .filter(|(_, instance)| instance.ended_at.is_none())
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -854,9 +942,14 @@ impl FakeFleet {
 
     /// An instance that a run launched at `at` (for tests of strays).
     pub fn add_running(&self, instance_id: &str, run_id: &str, at: DateTime<Utc>) {
-        lock(&self.state)
-            .instances
-            .insert(instance_id.to_owned(), (run_id.to_owned(), at, true));
+        lock(&self.state).instances.insert(
+            instance_id.to_owned(),
+            FakeInstance {
+                run_id: run_id.to_owned(),
+                launched_at: at,
+                ended_at: None,
+            },
+        );
     }
 }
 
@@ -880,15 +973,20 @@ impl Fleet for FakeFleet {
         for _ in 0..count {
             state.next += 1;
             let id = format!("i-{:08x}", state.next);
-            state
-                .instances
-                .insert(id.clone(), (run_id.to_owned(), now, true));
-            launched.push(Launched {
+            state.instances.insert(
+                id.clone(),
+                FakeInstance {
+                    run_id: run_id.to_owned(),
+                    launched_at: now,
+                    ended_at: None,
+                },
+            );
+            launched.push(Launched::new(
                 id,
-                launched_at: now,
-                instance_type: Some("c7g.large".into()),
-                lifecycle: Some("spot".into()),
-            });
+                now,
+                Some("c7g.large".into()),
+                Some("spot".into()),
+            ));
         }
         state.tokens.insert(token.to_owned(), launched.clone());
         if std::mem::take(&mut state.lose_next_answer) {
@@ -902,11 +1000,13 @@ impl Fleet for FakeFleet {
         Ok(lock(&self.state)
             .instances
             .iter()
-            .map(|(id, (run, at, alive))| WorkerInstance {
+            .map(|(id, instance)| WorkerInstance {
                 id: id.clone(),
-                run_id: Some(run.clone()),
-                launched_at: *at,
-                alive: *alive,
+                run_id: Some(instance.run_id.clone()),
+                launched_at: instance.launched_at,
+                alive: instance.ended_at.is_none(),
+                zone: Some(FAKE_ZONE.to_owned()),
+                ended_at: instance.ended_at,
             })
             .collect())
     }
@@ -916,10 +1016,58 @@ impl Fleet for FakeFleet {
         let mut state = lock(&self.state);
         for id in instance_ids {
             if let Some(instance) = state.instances.get_mut(id) {
-                instance.2 = false;
+                instance.end();
             }
             state.terminated.push(id.clone());
         }
         Ok(())
     }
+
+    async fn spot_prices(
+        &self,
+        instance_types: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SpotPrice>, Error> {
+        network().await;
+        Ok(instance_types
+            .iter()
+            .map(|instance_type| SpotPrice {
+                instance_type: instance_type.clone(),
+                zone: FAKE_ZONE.to_owned(),
+                usd_per_hour: FAKE_SPOT_PRICE,
+                read_at: now,
+            })
+            .collect())
+    }
+}
+
+/// The first `limit` of `items` (in order), and the cursor after the last
+/// when more follow: a JSON map of strings, as the table's cursors are.
+fn page_of<T, const N: usize>(
+    mut items: Vec<T>,
+    limit: usize,
+    cursor: impl Fn(&T) -> [(&'static str, String); N],
+) -> Page<T> {
+    let limit = limit.max(1);
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let next = more
+        .then(|| items.last())
+        .flatten()
+        .map(|item| Cursor(serde_json::json!(BTreeMap::from(cursor(item))).to_string()));
+    Page { items, next }
+}
+
+/// A field of a cursor `page_of` made.
+fn cursor_field(cursor: Option<&Cursor>, field: &str) -> Result<Option<String>, Error> {
+    let Some(cursor) = cursor else {
+        return Ok(None);
+    };
+    let fields: BTreeMap<String, String> =
+        serde_json::from_str(&cursor.0).map_err(|e| Error::malformed("cursor", e))?;
+    fields
+        .get(field)
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| Error::malformed("cursor", format!("no {field}")))
 }

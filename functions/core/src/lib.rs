@@ -5,6 +5,7 @@
 //! the clients it calls. Domain code never sees an AWS type.
 
 pub mod config;
+pub mod cost;
 mod error;
 pub mod limits;
 pub mod message;
@@ -23,4 +24,7 @@ pub mod fakes;
 
 pub use error::Error;
 pub use message::{AttemptEvent, Envelope, TaskMessage, TaskOutcome, TaskResult};
-pub use model::{Blob, Launched, NewTask, PendingTask, Run, RunState, Task, TaskStatus};
+pub use model::{
+    AttemptKind, AttemptRecord, Blob, InstanceSeen, Launched, NewTask, PendingTask, Progress, Run,
+    RunState, SpotPrice, Task, TaskStatus,
+};

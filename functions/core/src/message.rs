@@ -136,6 +136,10 @@ pub struct AttemptEvent {
     pub task_id: String,
     pub run_id: String,
     pub instance_id: String,
+    /// When the attempt began (absent from workers that did not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
     pub at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

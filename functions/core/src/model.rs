@@ -197,9 +197,44 @@ pub struct Task {
     pub result: Option<Blob>,
     pub summary: Option<String>,
     pub last_error: Option<String>,
+    /// The attempts that did not finish it (interrupted or failed), oldest
+    /// first.
+    pub attempt_log: Vec<AttemptRecord>,
     /// Digest of the request that created the task under an idempotency key.
     #[serde(skip)]
     pub request_digest: Option<String>,
+}
+
+/// Why an attempt did not finish its task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptKind {
+    Failed,
+    Interrupted,
+}
+
+impl AttemptKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Failed, Self::Interrupted]
+            .into_iter()
+            .find(|kind| kind.as_str() == s)
+    }
+}
+
+/// An attempt that did not finish its task, where and when it ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptRecord {
+    pub instance_id: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: DateTime<Utc>,
+    pub outcome: AttemptKind,
 }
 
 /// A night's run: the tasks it queued, how many ended, the workers it used.
@@ -222,6 +257,9 @@ pub struct Run {
     /// The last dispatcher pass left pending tasks for its next pass (the
     /// run had no more room): workers wait for them instead of stopping.
     pub waiting: bool,
+    /// The spot prices the dispatcher read when it launched, for the
+    /// types it launched, in every zone; what the run's instances cost.
+    pub spot_prices: Vec<SpotPrice>,
 }
 
 /// An instance a fleet request launched, as recorded on its run.
@@ -232,9 +270,96 @@ pub struct Launched {
     pub instance_type: Option<String>,
     /// `spot` or `on-demand`.
     pub lifecycle: Option<String>,
+    /// Its availability zone, once EC2 has shown it.
+    pub zone: Option<String>,
+    /// When EC2 says it stopped running (terminated, or shutting down).
+    pub ended_at: Option<DateTime<Utc>>,
+    /// The run's tasks whose result it reported (done or failed).
+    pub tasks: u64,
+    /// The time its kernels took on them.
+    pub busy_ms: u64,
+}
+
+impl Launched {
+    pub fn new(
+        id: impl Into<String>,
+        launched_at: DateTime<Utc>,
+        instance_type: Option<String>,
+        lifecycle: Option<String>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            launched_at,
+            instance_type,
+            lifecycle,
+            zone: None,
+            ended_at: None,
+            tasks: 0,
+            busy_ms: 0,
+        }
+    }
+}
+
+/// What EC2 showed of a run's instance that its record does not hold yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceSeen {
+    pub id: String,
+    pub zone: Option<String>,
+    pub ended_at: Option<DateTime<Utc>>,
+}
+
+/// A spot price as EC2 published it for a type in a zone.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SpotPrice {
+    pub instance_type: String,
+    pub zone: String,
+    pub usd_per_hour: f64,
+    /// When the dispatcher read it.
+    pub read_at: DateTime<Utc>,
+}
+
+/// How far a run has come and when, at its pace, it will be done.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Progress {
+    /// Tasks ended (done or failed).
+    pub ended: u64,
+    /// Tasks queued and not ended.
+    pub remaining: u64,
+    /// Tasks ended per minute since the run opened.
+    pub tasks_per_minute: Option<f64>,
+    /// When the last task will end at that pace (when it ended, for a run
+    /// that is over).
+    pub projected_finish: Option<DateTime<Utc>>,
+    /// Whether that is by the deadline.
+    pub on_time: Option<bool>,
 }
 
 impl Run {
+    /// The run's progress at `now`.
+    pub fn progress(&self, now: DateTime<Utc>) -> Progress {
+        let ended = self.done + self.failed;
+        let remaining = self.in_flight();
+        let until = self.finished_at.unwrap_or(now);
+        let minutes = (until - self.started_at).num_milliseconds() as f64 / 60_000.0;
+        let tasks_per_minute = (ended > 0 && minutes > 0.0).then(|| ended as f64 / minutes);
+        let projected_finish = match (self.state, tasks_per_minute) {
+            (RunState::Open, _) if remaining == 0 && ended > 0 => Some(now),
+            (RunState::Open, Some(rate)) => {
+                let minutes_left = remaining as f64 / rate;
+                Some(now + chrono::Duration::milliseconds((minutes_left * 60_000.0) as i64))
+            }
+            (RunState::Open, None) => None,
+            _ => self.finished_at,
+        };
+        Progress {
+            ended,
+            remaining,
+            tasks_per_minute,
+            projected_finish,
+            on_time: projected_finish.map(|at| at <= self.deadline),
+        }
+    }
+
     /// Tasks queued in this run that have not ended yet.
     pub fn in_flight(&self) -> u64 {
         self.queued.saturating_sub(self.done + self.failed)
@@ -258,6 +383,42 @@ mod tests {
             .map(|i| pending_shard(&format!("task-{i}"), 8))
             .collect();
         assert_eq!(used.len(), 8, "200 ids should reach every shard");
+    }
+
+    #[test]
+    fn progress_projects_the_finish_at_the_pace_so_far() {
+        let start = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        let minutes = |m: i64| start + chrono::Duration::minutes(m);
+        let mut run = Run {
+            id: "r".into(),
+            state: RunState::Open,
+            started_at: start,
+            deadline: minutes(60),
+            finished_at: None,
+            queued: 300,
+            done: 90,
+            failed: 10,
+            instances: Vec::new(),
+            fleet_requests: 1,
+            waiting: false,
+            spot_prices: Vec::new(),
+        };
+        let progress = run.progress(minutes(10));
+        assert_eq!((progress.ended, progress.remaining), (100, 200));
+        assert_eq!(progress.tasks_per_minute, Some(10.0));
+        assert_eq!(progress.projected_finish, Some(minutes(30)));
+        assert_eq!(progress.on_time, Some(true));
+        assert_eq!(
+            run.progress(minutes(50)).on_time,
+            Some(false),
+            "200 left at 2 a minute is past the deadline"
+        );
+        run.state = RunState::Finished;
+        run.finished_at = Some(minutes(70));
+        run.done = 290;
+        let over = run.progress(minutes(90));
+        assert_eq!(over.projected_finish, Some(minutes(70)));
+        assert_eq!(over.on_time, Some(false));
     }
 
     #[test]

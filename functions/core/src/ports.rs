@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 
 use crate::Error;
 use crate::message::{AttemptEvent, TaskResult};
-use crate::model::{Launched, NewTask, PendingTask, Run, Task};
+pub use crate::model::AttemptKind;
+use crate::model::{InstanceSeen, Launched, NewTask, PendingTask, Run, SpotPrice, Task};
 
 /// Writes new tasks (ingest) in two steps, so that a request is written
 /// whole or not at all: [`TaskWriter::stage`] writes them STAGED (invisible
@@ -46,8 +47,29 @@ pub trait TaskReader: Send + Sync {
     /// The tasks among `task_ids` that exist, STAGED ones included, in no
     /// particular order.
     async fn tasks(&self, task_ids: &[String]) -> Result<Vec<Task>, Error>;
-    /// Every task queued in a run (a query on the run's index).
-    async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error>;
+    /// One page of the tasks queued in a run, by task id: up to `limit`
+    /// from `after` (a query on the run's index, whose items carry the
+    /// report's attributes, not payloads or results).
+    async fn run_tasks_page(
+        &self,
+        run_id: &str,
+        limit: usize,
+        after: Option<&Cursor>,
+    ) -> Result<Page<Task>, Error>;
+
+    /// Every task queued in a run, page after page.
+    async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error> {
+        let mut tasks = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.run_tasks_page(run_id, 1000, after.as_ref()).await?;
+            tasks.extend(page.items);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(tasks),
+            }
+        }
+    }
 }
 
 /// Where a paged read goes on; opaque to its callers.
@@ -105,12 +127,6 @@ pub trait ResultRecorder: Send + Sync {
     ) -> Result<RecordOutcome, Error>;
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptKind {
-    Failed,
-    Interrupted,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordOutcome {
     Recorded,
@@ -147,6 +163,8 @@ pub trait RunReader: Send + Sync {
 #[async_trait]
 pub trait RunStore: RunReader {
     async fn current_run(&self) -> Result<Option<Run>, Error>;
+    /// One page of every run, newest first.
+    async fn runs_page(&self, limit: usize, after: Option<&Cursor>) -> Result<Page<Run>, Error>;
     /// The open run, or a new one if none is open (at most one run is open:
     /// the new run is written only if no other is current). `true` if new.
     async fn open_run(
@@ -170,12 +188,17 @@ pub trait RunStore: RunReader {
     /// Records the instances a fleet request launched; `request_number`
     /// must be the run's current `fleet_requests`, so a request is counted
     /// once. `false` if that request was already recorded.
+    /// The spot prices read for the request are recorded with it.
     async fn record_fleet(
         &self,
         run_id: &str,
         request_number: u32,
         launched: &[Launched],
+        prices: &[SpotPrice],
     ) -> Result<bool, Error>;
+    /// Records what EC2 showed of the run's instances (zone, end), each
+    /// field once: a field already recorded is left as it is.
+    async fn record_instances(&self, run_id: &str, seen: &[InstanceSeen]) -> Result<(), Error>;
     /// OPEN → FINISHED, and the run stops being current. `false` if it was
     /// no longer open.
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error>;
@@ -233,6 +256,9 @@ pub struct WorkerInstance {
     pub launched_at: DateTime<Utc>,
     /// Pending or running (not stopping, stopped or terminated).
     pub alive: bool,
+    pub zone: Option<String>,
+    /// When it stopped running, for one not alive, as EC2 recorded it.
+    pub ended_at: Option<DateTime<Utc>>,
 }
 
 /// Spot capacity (dispatcher).
@@ -244,4 +270,10 @@ pub trait Fleet: Send + Sync {
     /// This stack's workers, of every run, in every state EC2 still shows.
     async fn instances(&self) -> Result<Vec<WorkerInstance>, Error>;
     async fn terminate(&self, instance_ids: &[String]) -> Result<(), Error>;
+    /// The current spot price of each of these types in every zone.
+    async fn spot_prices(
+        &self,
+        instance_types: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SpotPrice>, Error>;
 }

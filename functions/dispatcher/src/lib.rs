@@ -20,7 +20,7 @@
 //! queued at least once, and its result is still recorded once. Within one
 //! pass a task is never sent twice.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -30,7 +30,9 @@ use nightshift_core::limits::sqs_batches;
 use nightshift_core::ports::{
     BlobStore, Fleet, Outgoing, PendingTasks, Queue, RunStore, TaskReader, WorkerInstance,
 };
-use nightshift_core::{Blob, Envelope, PendingTask, Run, TaskMessage};
+use nightshift_core::{
+    Blob, Envelope, InstanceSeen, Launched, PendingTask, Run, SpotPrice, TaskMessage,
+};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +173,14 @@ impl Dispatcher<'_> {
         let terminated = self
             .terminate_strays(current.as_ref(), &instances, now)
             .await?;
+        // The cost of a run rests on these records; a failure here is
+        // made good by a later pass.
+        if let Err(error) = self
+            .record_sightings(current.as_ref(), &instances, now)
+            .await
+        {
+            tracing::warn!(error = %error.chain(), "could not record what EC2 shows of the instances");
+        }
         let run = match current {
             Some(run) => run,
             None if may_open && self.any_pending().await? => {
@@ -398,15 +408,72 @@ impl Dispatcher<'_> {
         // a mismatch that would fail every later pass.
         let token = format!("{}-{}-{count}", run.id, run.fleet_requests);
         let launched = self.fleet.launch(&run.id, count, &token).await?;
+        let prices = self.prices_to_record(run, &launched, now).await;
         if !self
             .runs
-            .record_fleet(&run.id, run.fleet_requests, &launched)
+            .record_fleet(&run.id, run.fleet_requests, &launched, &prices)
             .await?
         {
             tracing::warn!(run_id = %run.id, request = run.fleet_requests, "fleet request already recorded");
         }
         tracing::info!(run_id = %run.id, requested = count, launched = launched.len(), "spot workers launched");
         Ok(launched.len())
+    }
+
+    /// The spot prices, in every zone, of the types just launched on spot
+    /// that the run has no price for yet. Without them the launch stands
+    /// and the report names the instances it could not price.
+    async fn prices_to_record(
+        &self,
+        run: &Run,
+        launched: &[Launched],
+        now: DateTime<Utc>,
+    ) -> Vec<SpotPrice> {
+        let mut types: Vec<String> = launched
+            .iter()
+            .filter(|l| l.lifecycle.as_deref() != Some("on-demand"))
+            .filter_map(|l| l.instance_type.clone())
+            .filter(|t| !run.spot_prices.iter().any(|p| &p.instance_type == t))
+            .collect();
+        types.sort();
+        types.dedup();
+        match self.fleet.spot_prices(&types, now).await {
+            Ok(prices) => prices,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, %error, "could not read spot prices");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Records, on each run, the zone of its instances and the end of
+    /// those that stopped, as EC2 shows them, once.
+    async fn record_sightings(
+        &self,
+        current: Option<&Run>,
+        instances: &[WorkerInstance],
+        now: DateTime<Utc>,
+    ) -> Result<(), nightshift_core::Error> {
+        let mut by_run: BTreeMap<&str, Vec<&WorkerInstance>> = BTreeMap::new();
+        for instance in instances {
+            if let Some(run_id) = &instance.run_id {
+                by_run.entry(run_id).or_default().push(instance);
+            }
+        }
+        for (run_id, shown) in by_run {
+            let run = match current.filter(|run| run.id == run_id) {
+                Some(run) => run.clone(),
+                None => match self.runs.run(run_id).await? {
+                    Some(run) => run,
+                    None => continue,
+                },
+            };
+            let news = sightings(&run.instances, &shown, now);
+            if !news.is_empty() {
+                self.runs.record_instances(run_id, &news).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes the objects of a finished run that no task holds: its
@@ -469,6 +536,30 @@ impl Dispatcher<'_> {
         self.fleet.terminate(&strays).await?;
         Ok(strays.len())
     }
+}
+
+/// What EC2 shows of a run's recorded instances that the record lacks: a
+/// zone, and an end for one no longer running (the time EC2 gives, or now
+/// when it gives none).
+fn sightings(
+    recorded: &[Launched],
+    shown: &[&WorkerInstance],
+    now: DateTime<Utc>,
+) -> Vec<InstanceSeen> {
+    recorded
+        .iter()
+        .filter_map(|record| {
+            let instance = shown.iter().find(|i| i.id == record.id)?;
+            let zone = instance.zone.clone().filter(|_| record.zone.is_none());
+            let ended_at = (!instance.alive && record.ended_at.is_none())
+                .then(|| instance.ended_at.unwrap_or(now));
+            (zone.is_some() || ended_at.is_some()).then(|| InstanceSeen {
+                id: record.id.clone(),
+                zone,
+                ended_at,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

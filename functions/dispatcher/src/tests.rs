@@ -238,8 +238,23 @@ impl RunStore for NoLease {
         run_id: &str,
         n: u32,
         launched: &[nightshift_core::Launched],
+        prices: &[SpotPrice],
     ) -> Result<bool, nightshift_core::Error> {
-        self.0.record_fleet(run_id, n, launched).await
+        self.0.record_fleet(run_id, n, launched, prices).await
+    }
+    async fn record_instances(
+        &self,
+        run_id: &str,
+        seen: &[InstanceSeen],
+    ) -> Result<(), nightshift_core::Error> {
+        self.0.record_instances(run_id, seen).await
+    }
+    async fn runs_page(
+        &self,
+        limit: usize,
+        after: Option<&Cursor>,
+    ) -> Result<Page<Run>, nightshift_core::Error> {
+        self.0.runs_page(limit, after).await
     }
     async fn close_run(
         &self,
@@ -639,4 +654,61 @@ async fn work_waits_for_the_night_and_the_night_ends_by_the_wall_clock() {
         .unwrap();
     assert_eq!((afternoon.run_id, afternoon.queued), (None, 0));
     assert!(world.store.current_run().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn launches_record_their_spot_prices_and_each_end_is_recorded_once() {
+    let world = World::new(100);
+    world.add_tasks(4).await;
+    let pass = world.open_night("d1").await;
+    let run_id = pass.run_id.unwrap();
+    let run = world.store.run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.instances.len(), 2);
+    assert_eq!(
+        run.spot_prices
+            .iter()
+            .map(|p| (p.instance_type.as_str(), p.zone.as_str(), p.usd_per_hour))
+            .collect::<Vec<_>>(),
+        [(
+            "c7g.large",
+            nightshift_core::fakes::FAKE_ZONE,
+            nightshift_core::fakes::FAKE_SPOT_PRICE
+        )],
+        "the price of the type launched, read at launch"
+    );
+
+    let lost = run.instances[0].id.clone();
+    world.fleet.lose(&lost);
+    world.dispatcher().pass(Utc::now(), "d2").await.unwrap();
+    let first = world.store.run(&run_id).await.unwrap().unwrap();
+    let ended: Vec<_> = first
+        .instances
+        .iter()
+        .filter(|i| i.ended_at.is_some())
+        .collect();
+    assert_eq!(ended.len(), 1, "the lost instance's end is recorded");
+    assert_eq!(ended[0].id, lost);
+    let launched_first: Vec<&str> = run.instances.iter().map(|i| i.id.as_str()).collect();
+    assert!(
+        first
+            .instances
+            .iter()
+            .filter(|i| launched_first.contains(&i.id.as_str()))
+            .all(|i| i.zone.as_deref() == Some(nightshift_core::fakes::FAKE_ZONE)),
+        "the zone of every instance EC2 showed is recorded"
+    );
+
+    world.dispatcher().pass(Utc::now(), "d3").await.unwrap();
+    let again = world.store.run(&run_id).await.unwrap().unwrap();
+    assert_eq!(
+        again.instances.iter().find(|i| i.id == lost),
+        first.instances.iter().find(|i| i.id == lost),
+        "a later pass records the end only once"
+    );
+    let cost =
+        nightshift_core::cost::run_cost(&again, 0, Utc::now(), &nightshift_core::cost::PRICES);
+    assert!(
+        cost.instances.iter().all(|i| i.usd.is_some()),
+        "every instance has its price"
+    );
 }

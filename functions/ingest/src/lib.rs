@@ -6,8 +6,9 @@
 //! | `POST /tasks` | accepts one task or a batch of up to 1,000; 201 with their ids |
 //! | `GET /tasks/{id}` | a task's status, attempts, worker and result |
 //! | `POST /runs` | starts a run now (or returns the open one) and wakes the dispatcher |
-//! | `GET /runs/{id}` | a run's state and counters |
-//! | `GET /runs/{id}/report` | every task of the run: account, worker, attempts, duration, result |
+//! | `GET /runs` | every run, newest first, a page at a time |
+//! | `GET /runs/{id}` | a run's state, counters, instances and progress |
+//! | `GET /runs/{id}/report` | the run's tasks a page at a time (account, worker, attempts, duration, result), as JSON or CSV; the first JSON page adds each instance and the cost |
 
 mod error;
 mod report;
@@ -95,7 +96,7 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/tasks", post(tasks::create))
         .route("/tasks/{id}", get(tasks::show))
-        .route("/runs", post(report::start_run))
+        .route("/runs", post(report::start_run).get(report::list_runs))
         .route("/runs/{id}", get(report::show_run))
         .route("/runs/{id}/report", get(report::run_report))
         .fallback(|| async {

@@ -340,11 +340,13 @@ impl nightshift_core::ports::TaskReader for StaleReader {
     ) -> Result<Vec<nightshift_core::Task>, nightshift_core::Error> {
         Ok(Vec::new())
     }
-    async fn run_tasks(
+    async fn run_tasks_page(
         &self,
         run: &str,
-    ) -> Result<Vec<nightshift_core::Task>, nightshift_core::Error> {
-        self.0.run_tasks(run).await
+        limit: usize,
+        after: Option<&nightshift_core::ports::Cursor>,
+    ) -> Result<nightshift_core::ports::Page<nightshift_core::Task>, nightshift_core::Error> {
+        self.0.run_tasks_page(run, limit, after).await
     }
 }
 
@@ -376,4 +378,264 @@ async fn a_key_claimed_by_a_concurrent_request_refuses_all_of_this_one() {
         "only the other request's task is there"
     );
     assert!(f.blobs.keys().is_empty(), "this request's payload is gone");
+}
+
+/// A request's status, headers and body text.
+async fn call_raw(
+    router: &Router,
+    uri: &str,
+    accept: Option<&str>,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut request = Request::builder().method("GET").uri(uri);
+    if let Some(accept) = accept {
+        request = request.header("accept", accept);
+    }
+    let response = router
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+/// Seven tasks queued in a run, five of them ended by two instances.
+async fn run_with_results(f: &Fixture) -> String {
+    use nightshift_core::ports::{PendingTasks, ResultRecorder, RunStore};
+    let tasks: Vec<Value> = (0..7)
+        .map(|i| json!({"account": format!("acct-{i}"), "payload": i}))
+        .collect();
+    let (status, created) = call(
+        &f.router,
+        "POST",
+        "/tasks",
+        &json!({"tasks": &tasks[..5]}).to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let (_, more) = call(
+        &f.router,
+        "POST",
+        "/tasks",
+        &json!({"tasks": &tasks[5..]}).to_string(),
+    )
+    .await;
+    let ids: Vec<String> = created["task_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(more["task_ids"].as_array().unwrap())
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect();
+    let (_, started) = call(&f.router, "POST", "/runs", "").await;
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    f.store.mark_queued(&run_id, &ids).await.unwrap();
+    let now = chrono::Utc::now();
+    let launched: Vec<nightshift_core::Launched> = ["i-a", "i-b"]
+        .iter()
+        .map(|id| {
+            nightshift_core::Launched::new(*id, now, Some("c7g.large".into()), Some("spot".into()))
+        })
+        .collect();
+    f.store
+        .record_fleet(&run_id, 0, &launched, &[])
+        .await
+        .unwrap();
+    let results: Vec<nightshift_core::TaskResult> = ids[..5]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| nightshift_core::TaskResult {
+            task_id: id.clone(),
+            run_id: run_id.clone(),
+            instance_id: if i % 2 == 0 { "i-a" } else { "i-b" }.into(),
+            attempts: 1,
+            started_at: now,
+            finished_at: now + chrono::Duration::seconds(2),
+            outcome: nightshift_core::TaskOutcome::Done {
+                result: Blob::json(&json!(i)),
+                summary: format!("value, with a comma {i}"),
+            },
+        })
+        .collect();
+    f.store.record_results(&results).await.unwrap();
+    run_id
+}
+
+#[tokio::test]
+async fn the_report_pages_through_every_task_as_json_and_as_csv() {
+    let f = fixture();
+    let run_id = run_with_results(&f).await;
+
+    let mut seen = Vec::new();
+    let mut uri = format!("/runs/{run_id}/report?limit=3");
+    let mut pages = 0;
+    loop {
+        let (status, page) = call(&f.router, "GET", &uri, "").await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert!(page["tasks"].as_array().unwrap().len() <= 3);
+        if pages == 0 {
+            let instances = page["instances"].as_array().unwrap();
+            let per_instance: Vec<(String, u64)> = instances
+                .iter()
+                .map(|i| {
+                    (
+                        i["id"].as_str().unwrap().to_owned(),
+                        i["tasks"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(per_instance, [("i-a".to_owned(), 3), ("i-b".to_owned(), 2)]);
+            assert_eq!(instances[0]["busy_ms"], 6000);
+            assert!(page["cost"]["prices_as_of"].is_string());
+            assert!(page["cost"]["lines"].is_array());
+            assert_eq!(page["run"]["progress"]["ended"], 5);
+        } else {
+            assert!(
+                page.get("cost").is_none(),
+                "the cost comes with the first page only"
+            );
+        }
+        pages += 1;
+        seen.extend(
+            page["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["task_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => uri = format!("/runs/{run_id}/report?limit=3&cursor={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut distinct = seen.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!((seen.len(), distinct.len()), (7, 7), "every task once");
+
+    // CSV: a header on the first page only, and a link to the next.
+    let mut rows = Vec::new();
+    let mut uri = format!("/runs/{run_id}/report?limit=4");
+    let mut accept = Some("text/csv");
+    loop {
+        let (status, headers, text) = call_raw(&f.router, &uri, accept).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        assert!(
+            headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/csv")
+        );
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(rows.is_empty())
+            .from_reader(text.as_bytes());
+        if rows.is_empty() {
+            let header: Vec<String> = reader
+                .headers()
+                .unwrap()
+                .iter()
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(header[..4], ["task_id", "account", "kernel", "status"]);
+        }
+        for record in reader.records() {
+            rows.push(record.unwrap());
+        }
+        match headers.get("nightshift-next-cursor") {
+            Some(next) => {
+                let next = next.to_str().unwrap();
+                assert!(headers["link"].to_str().unwrap().contains(next));
+                uri = format!("/runs/{run_id}/report?format=csv&limit=4&cursor={next}");
+                accept = None;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(rows.len(), 7);
+    let done: Vec<_> = rows.iter().filter(|r| &r[3] == "DONE").collect();
+    assert_eq!(done.len(), 5);
+    assert!(
+        done.iter()
+            .all(|r| r[11].starts_with("value, with a comma")),
+        "a summary with a comma stays one field"
+    );
+    assert!(done.iter().all(|r| &r[4] == "i-a" || &r[4] == "i-b"));
+}
+
+#[tokio::test]
+async fn runs_are_listed_newest_first_a_page_at_a_time() {
+    use nightshift_core::ports::RunStore;
+    let f = fixture();
+    let start = chrono::Utc::now() - chrono::Duration::days(3);
+    let mut opened = Vec::new();
+    for night in 0..3 {
+        let at = start + chrono::Duration::days(night);
+        let id = format!("run-{night}");
+        f.store
+            .open_run(&id, at, at + chrono::Duration::hours(8))
+            .await
+            .unwrap();
+        f.store
+            .close_run(&id, at + chrono::Duration::hours(1))
+            .await
+            .unwrap();
+        opened.push(id);
+    }
+    let (status, first) = call(&f.router, "GET", "/runs?limit=2", "").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let ids = |page: &Value| -> Vec<String> {
+        page["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&first), ["run-2", "run-1"]);
+    let next = first["next_cursor"].as_str().unwrap();
+    let (_, second) = call(
+        &f.router,
+        "GET",
+        &format!("/runs?limit=2&cursor={next}"),
+        "",
+    )
+    .await;
+    assert_eq!(ids(&second), ["run-0"]);
+    assert!(second["next_cursor"].is_null());
+    assert_eq!(first["runs"][0]["progress"]["on_time"], true);
+}
+
+#[tokio::test]
+async fn a_bad_page_request_is_refused_naming_the_parameter() {
+    let f = fixture();
+    let (_, started) = call(&f.router, "POST", "/runs", "").await;
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    let other_run_cursor = {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(json!({"run_id": "another", "task_id": "t"}).to_string())
+    };
+    for (uri, field) in [
+        ("/runs?limit=0".to_owned(), "limit"),
+        ("/runs?limit=101".to_owned(), "limit"),
+        ("/runs?limit=-1".to_owned(), "limit"),
+        ("/runs?cursor=%%%".to_owned(), "cursor"),
+        (format!("/runs/{run_id}/report?format=xml"), "format"),
+        (format!("/runs/{run_id}/report?limit=1001"), "limit"),
+        (
+            format!("/runs/{run_id}/report?cursor=bm90IGpzb24"),
+            "cursor",
+        ),
+        (
+            format!("/runs/{run_id}/report?cursor={other_run_cursor}"),
+            "cursor",
+        ),
+    ] {
+        let (status, error) = call(&f.router, "GET", &uri, "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {error}");
+        assert_eq!(error["error"]["field"], field, "{uri}");
+    }
 }

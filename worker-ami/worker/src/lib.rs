@@ -365,7 +365,7 @@ async fn stop_running(
         );
         futures::future::join_all(
             late.iter()
-                .map(|(message, task)| task::hand_back(context, message, task, None)),
+                .map(|(message, task)| task::hand_back(context, message, task, None, None)),
         )
         .await;
         running.abort_all();

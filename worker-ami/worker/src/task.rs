@@ -1,6 +1,6 @@
 //! One delivery of one task: load its payload, run its kernel, report.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::ports::Received;
 use nightshift_core::{AttemptEvent, Blob, Envelope, TaskMessage, TaskOutcome, TaskResult};
@@ -47,7 +47,14 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
             let result = match store_if_large(context, &message, &task, result).await {
                 Ok(result) => result,
                 Err(error) => {
-                    return give_up_for_now(context, &message, &task, &error.to_string()).await;
+                    return give_up_for_now(
+                        context,
+                        &message,
+                        &task,
+                        started_at,
+                        &error.to_string(),
+                    )
+                    .await;
                 }
             };
             tracing::info!(summary, "task done");
@@ -59,14 +66,14 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
             .await;
         }
         Ok(Outcome::Stopped { checkpoint }) => {
-            hand_back(context, &message, &task, checkpoint).await
+            hand_back(context, &message, &task, Some(started_at), checkpoint).await
         }
         Err(KernelError::Permanent(error)) => {
             tracing::warn!(error, "task failed for good");
             finish(context, &message, report(TaskOutcome::Failed { error })).await;
         }
         Err(KernelError::Retryable(error)) => {
-            give_up_for_now(context, &message, &task, &error).await
+            give_up_for_now(context, &message, &task, started_at, &error).await
         }
     }
 }
@@ -89,9 +96,21 @@ async fn finish(context: &Context, message: &Received, result: Envelope) {
 /// A failure another attempt may not have: report it, and leave the message
 /// to reappear when its visibility ends (the queue's receive count is the
 /// retry budget; past it the task goes to the dead-letter queue).
-async fn give_up_for_now(context: &Context, message: &Received, task: &TaskMessage, error: &str) {
+async fn give_up_for_now(
+    context: &Context,
+    message: &Received,
+    task: &TaskMessage,
+    started_at: DateTime<Utc>,
+    error: &str,
+) {
     tracing::warn!(error, "attempt failed; the task will be retried");
-    let event = Envelope::AttemptFailed(attempt(context, message, task, Some(error)));
+    let event = Envelope::AttemptFailed(attempt(
+        context,
+        message,
+        task,
+        Some(started_at),
+        Some(error),
+    ));
     context.send_result.submit(event.to_json()).await;
 }
 
@@ -102,6 +121,7 @@ pub(crate) async fn hand_back(
     context: &Context,
     message: &Received,
     task: &TaskMessage,
+    started_at: Option<DateTime<Utc>>,
     checkpoint: Option<Vec<u8>>,
 ) {
     let mut continuation = task.clone();
@@ -138,7 +158,7 @@ pub(crate) async fn hand_back(
         return;
     }
     context.delete_task.submit(message.receipt.clone()).await;
-    let event = Envelope::Interrupted(attempt(context, message, task, None));
+    let event = Envelope::Interrupted(attempt(context, message, task, started_at, None));
     context.send_result.submit(event.to_json()).await;
     tracing::info!(checkpointed, "task handed back");
 }
@@ -149,6 +169,7 @@ fn attempt(
     context: &Context,
     message: &Received,
     task: &TaskMessage,
+    started_at: Option<DateTime<Utc>>,
     error: Option<&str>,
 ) -> AttemptEvent {
     AttemptEvent {
@@ -156,6 +177,7 @@ fn attempt(
         task_id: task.task_id.clone(),
         run_id: task.run_id.clone(),
         instance_id: context.instance_id.clone(),
+        started_at,
         at: Utc::now(),
         error: error.map(str::to_owned),
     }

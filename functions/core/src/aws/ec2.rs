@@ -1,6 +1,8 @@
 //! EC2 adapter of [`Fleet`]: instant spot fleets from the worker launch
 //! template, this stack's workers, and terminating them.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 pub use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{
@@ -13,7 +15,7 @@ use chrono::{DateTime, Utc};
 
 use super::classify;
 use crate::Error;
-use crate::model::Launched;
+use crate::model::{Launched, SpotPrice};
 use crate::ports::{Fleet, WorkerInstance};
 
 /// The tag that ties an instance to its run.
@@ -138,12 +140,10 @@ impl Fleet for SpotFleet {
             .flat_map(|group| {
                 let instance_type = group.instance_type().map(|t| t.as_str().to_owned());
                 let lifecycle = group.lifecycle().map(|l| l.as_str().to_owned());
-                group.instance_ids().iter().map(move |id| Launched {
-                    id: id.clone(),
-                    launched_at: now,
-                    instance_type: instance_type.clone(),
-                    lifecycle: lifecycle.clone(),
-                })
+                group
+                    .instance_ids()
+                    .iter()
+                    .map(move |id| Launched::new(id, now, instance_type.clone(), lifecycle.clone()))
             })
             .collect())
     }
@@ -168,12 +168,22 @@ impl Fleet for SpotFleet {
                     continue;
                 };
                 let state = instance.state().and_then(|s| s.name());
+                let alive = matches!(
+                    state,
+                    Some(InstanceStateName::Pending | InstanceStateName::Running)
+                );
                 found.push(WorkerInstance {
                     id: id.to_owned(),
-                    alive: matches!(
-                        state,
-                        Some(InstanceStateName::Pending | InstanceStateName::Running)
-                    ),
+                    alive,
+                    zone: instance
+                        .placement()
+                        .and_then(|p| p.availability_zone())
+                        .map(str::to_owned),
+                    ended_at: if alive {
+                        None
+                    } else {
+                        instance.state_transition_reason().and_then(transition_time)
+                    },
                     run_id: instance
                         .tags()
                         .iter()
@@ -197,6 +207,71 @@ impl Fleet for SpotFleet {
         }
         Ok(())
     }
+
+    async fn spot_prices(
+        &self,
+        instance_types: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SpotPrice>, Error> {
+        if instance_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        // From now to now: the price in force, for each type in each zone.
+        let at = aws_sdk_ec2::primitives::DateTime::from_secs(now.timestamp());
+        let mut pages = self
+            .client
+            .describe_spot_price_history()
+            .set_instance_types(Some(
+                instance_types
+                    .iter()
+                    .map(|t| InstanceType::from(t.as_str()))
+                    .collect(),
+            ))
+            .product_descriptions("Linux/UNIX")
+            .start_time(at)
+            .end_time(at)
+            .into_paginator()
+            .send();
+        let mut latest: BTreeMap<(String, String), (DateTime<Utc>, f64)> = BTreeMap::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("DescribeSpotPriceHistory", e))?;
+            for entry in page.spot_price_history() {
+                let (Some(instance_type), Some(zone), Some(price)) = (
+                    entry.instance_type(),
+                    entry.availability_zone(),
+                    entry.spot_price().and_then(|p| p.parse::<f64>().ok()),
+                ) else {
+                    continue;
+                };
+                let published = time_of(entry.timestamp());
+                let key = (instance_type.as_str().to_owned(), zone.to_owned());
+                if latest.get(&key).is_none_or(|(at, _)| *at < published) {
+                    latest.insert(key, (published, price));
+                }
+            }
+        }
+        Ok(latest
+            .into_iter()
+            .map(|((instance_type, zone), (_, usd_per_hour))| SpotPrice {
+                instance_type,
+                zone,
+                usd_per_hour,
+                read_at: now,
+            })
+            .collect())
+    }
+}
+
+/// The time in an instance's state-transition reason, e.g. `User initiated
+/// (2026-11-28 05:12:09 GMT)`: when it began to stop.
+fn transition_time(reason: &str) -> Option<DateTime<Utc>> {
+    let inside = reason.rsplit_once('(')?.1.strip_suffix(')')?;
+    let stamp = inside
+        .strip_suffix(" GMT")
+        .or_else(|| inside.strip_suffix(" UTC"))?;
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S")
+        .ok()
+        .map(|t| t.and_utc())
 }
 
 #[cfg(test)]
@@ -214,6 +289,21 @@ mod tests {
             types.iter().map(|t| (*t).to_owned()).collect(),
             subnets.iter().map(|s| (*s).to_owned()).collect(),
         )
+    }
+
+    #[test]
+    fn the_end_of_an_instance_is_read_from_its_transition_reason() {
+        let at = |text| transition_time(text).map(|t| t.to_rfc3339());
+        assert_eq!(
+            at("User initiated (2026-11-28 05:12:09 GMT)").as_deref(),
+            Some("2026-11-28T05:12:09+00:00")
+        );
+        assert_eq!(
+            at("User initiated (2026-11-28 05:12:09 UTC)").as_deref(),
+            Some("2026-11-28T05:12:09+00:00")
+        );
+        assert_eq!(at(""), None);
+        assert_eq!(at("Server.SpotInstanceTermination"), None);
     }
 
     #[test]

@@ -146,3 +146,52 @@ fn generate(
         "positions": positions,
     })
 }
+
+/// A demo portfolio of at least `min_bytes` of JSON (up to the kernel's
+/// most positions): the demo's, with more share positions on its names.
+pub fn sized_payload(account: &str, seed: u64, min_bytes: usize) -> Value {
+    let mut payload = demo_payload(account, seed);
+    let names: Vec<Value> = payload["assets"]
+        .as_array()
+        .map(|assets| assets.iter().map(|a| a["name"].clone()).collect())
+        .unwrap_or_default();
+    let mut size = payload.to_string().len();
+    if let Some(positions) = payload["positions"].as_array_mut() {
+        let mut draw = Draw {
+            key: rng::hash(seed, account.as_bytes()) ^ DEMO_STREAM ^ 1,
+            counter: 0,
+        };
+        while size < min_bytes && positions.len() < super::input::MAX_POSITIONS {
+            let position = json!({
+                "asset": names[draw.below(names.len())],
+                "quantity": round_to(draw.uniform(100.0, 5_000.0), 10.0),
+            });
+            // The entry, and the comma before it.
+            size += position.to_string().len() + 1;
+            positions.push(position);
+        }
+    }
+    payload
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sized_payload_reaches_its_size_and_stays_valid() {
+        let base = demo_payload("acct-1", 7).to_string().len();
+        for min_bytes in [0, 20_000, 300_000] {
+            let payload = sized_payload("acct-1", 7, min_bytes);
+            let size = payload.to_string().len();
+            assert!(size >= min_bytes, "{size} < {min_bytes}");
+            assert!(
+                size < min_bytes.max(base) + 100,
+                "{size} overshoots {min_bytes}"
+            );
+            if let Err(error) = crate::portfolio::input::parse(&payload, DEMO_PATHS) {
+                panic!("{min_bytes}: {error}");
+            }
+        }
+    }
+}

@@ -13,7 +13,7 @@ use crate::KernelError;
 pub const TRADING_DAYS: f64 = 252.0;
 
 const MAX_ASSETS: usize = 1_024;
-const MAX_POSITIONS: usize = 10_000;
+pub(super) const MAX_POSITIONS: usize = 10_000;
 const MAX_LEVELS: usize = 16;
 const MAX_BINS: usize = 1_024;
 /// The most tail paths a level may have: the tally keeps them all (12 bytes

@@ -34,7 +34,7 @@ mod tests;
 
 use serde_json::Value;
 
-pub use demo::{bench_payload, demo_payload};
+pub use demo::{bench_payload, demo_payload, sized_payload};
 
 use crate::{Control, Kernel, KernelError, Outcome};
 use job::Job;

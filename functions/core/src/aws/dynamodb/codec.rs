@@ -7,7 +7,9 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::{DateTime, Utc};
 
 use crate::Error;
-use crate::model::{Blob, Launched, Run, RunState, Task, TaskStatus};
+use crate::model::{
+    AttemptKind, AttemptRecord, Blob, Launched, Run, RunState, SpotPrice, Task, TaskStatus,
+};
 use crate::rules::{TaskChange, TaskFacts};
 
 pub(super) type Item = HashMap<String, AttributeValue>;
@@ -40,6 +42,9 @@ pub(super) const RESULT: &str = "result";
 pub(super) const RESULT_KEY: &str = "result_key";
 pub(super) const SUMMARY: &str = "summary";
 pub(super) const LAST_ERROR: &str = "last_error";
+/// A list of `{instance_id, started_at, ended_at, outcome}`: the attempts
+/// that did not finish the task.
+pub(super) const ATTEMPT_LOG: &str = "attempt_log";
 pub(super) const IDEMPOTENCY_KEY: &str = "idempotency_key";
 pub(super) const REQUEST_DIGEST: &str = "request_digest";
 /// The request that wrote the task (and, while it is STAGED, is writing it).
@@ -53,8 +58,21 @@ pub(super) const STATE: &str = "state";
 pub(super) const QUEUED: &str = "queued";
 pub(super) const DONE: &str = "done";
 pub(super) const FAILED: &str = "failed";
-/// A map: instance id → `{launched_at, instance_type, lifecycle}`.
+/// A map: instance id → `{launched_at, instance_type, lifecycle, zone,
+/// ended_at}`.
 pub(super) const INSTANCES: &str = "instances";
+pub(super) const ZONE: &str = "zone";
+pub(super) const ENDED_AT: &str = "ended_at";
+/// A map: `"<type> <zone>"` → `{instance_type, zone, usd_per_hour, read_at}`.
+pub(super) const SPOT_PRICES: &str = "spot_prices";
+/// A map: instance id → how many of the run's tasks it ended.
+pub(super) const INSTANCE_TASKS: &str = "instance_tasks";
+/// A map: instance id → the milliseconds its kernels took on those tasks.
+pub(super) const INSTANCE_BUSY_MS: &str = "instance_busy_ms";
+/// Every run item has it, with the one value [`RUN_LIST_VALUE`]: the
+/// partition of the `runs` index, which lists runs by `started_at`.
+pub(super) const RUN_LIST: &str = "run_list";
+pub(super) const RUN_LIST_VALUE: &str = "RUN";
 pub(super) const FLEET_REQUESTS: &str = "fleet_requests";
 pub(super) const LEASE_OWNER: &str = "lease_owner";
 pub(super) const LEASE_UNTIL: &str = "lease_until";
@@ -249,8 +267,86 @@ pub(super) fn task_from_item(item: &Item) -> Result<Task, Error> {
         result: blob_from_item(item, RESULT, RESULT_KEY)?,
         summary: opt_s(item, SUMMARY),
         last_error: opt_s(item, LAST_ERROR),
+        attempt_log: attempt_log_from_item(item)?,
         request_digest: opt_s(item, REQUEST_DIGEST),
     })
+}
+
+pub(super) fn attempt_value(attempt: &AttemptRecord) -> AttributeValue {
+    let mut fields = HashMap::from([
+        ("instance_id".to_owned(), s(&attempt.instance_id)),
+        (ENDED_AT.to_owned(), s(&timestamp(attempt.ended_at))),
+        ("outcome".to_owned(), s(attempt.outcome.as_str())),
+    ]);
+    if let Some(started_at) = attempt.started_at {
+        fields.insert(STARTED_AT.to_owned(), s(&timestamp(started_at)));
+    }
+    AttributeValue::M(fields)
+}
+
+fn attempt_log_from_item(item: &Item) -> Result<Vec<AttemptRecord>, Error> {
+    let Some(list) = item.get(ATTEMPT_LOG).and_then(|v| v.as_l().ok()) else {
+        return Ok(Vec::new());
+    };
+    list.iter()
+        .map(|value| {
+            let fields = value
+                .as_m()
+                .map_err(|_| Error::malformed("task", "an attempt is not a map"))?;
+            let outcome = req_s(fields, "outcome")?;
+            Ok(AttemptRecord {
+                instance_id: req_s(fields, "instance_id")?,
+                started_at: opt_time(fields, STARTED_AT)?,
+                ended_at: opt_time(fields, ENDED_AT)?
+                    .ok_or_else(|| Error::malformed("task", "an attempt has no end"))?,
+                outcome: AttemptKind::parse(&outcome)
+                    .ok_or_else(|| Error::malformed("attempt outcome", outcome))?,
+            })
+        })
+        .collect()
+}
+
+pub(super) fn spot_price_key(price: &SpotPrice) -> String {
+    format!("{} {}", price.instance_type, price.zone)
+}
+
+pub(super) fn spot_price_value(price: &SpotPrice) -> AttributeValue {
+    AttributeValue::M(HashMap::from([
+        ("instance_type".to_owned(), s(&price.instance_type)),
+        (ZONE.to_owned(), s(&price.zone)),
+        (
+            "usd_per_hour".to_owned(),
+            AttributeValue::N(price.usd_per_hour.to_string()),
+        ),
+        ("read_at".to_owned(), s(&timestamp(price.read_at))),
+    ]))
+}
+
+fn spot_prices_from_item(item: &Item) -> Result<Vec<SpotPrice>, Error> {
+    let Some(map) = item.get(SPOT_PRICES).and_then(|v| v.as_m().ok()) else {
+        return Ok(Vec::new());
+    };
+    let mut prices = map
+        .values()
+        .map(|value| {
+            let fields = value
+                .as_m()
+                .map_err(|_| Error::malformed("run", "a spot price is not a map"))?;
+            Ok(SpotPrice {
+                instance_type: req_s(fields, "instance_type")?,
+                zone: req_s(fields, ZONE)?,
+                usd_per_hour: fields
+                    .get("usd_per_hour")
+                    .and_then(|v| v.as_n().ok())
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| Error::malformed("run", "a spot price has no price"))?,
+                read_at: opt_time(fields, "read_at")?
+                    .ok_or_else(|| Error::malformed("run", "a spot price has no time"))?,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    prices.sort_by(|a, b| (&a.instance_type, &a.zone).cmp(&(&b.instance_type, &b.zone)));
+    Ok(prices)
 }
 
 pub(super) fn launched_value(launched: &Launched) -> AttributeValue {
@@ -264,12 +360,24 @@ pub(super) fn launched_value(launched: &Launched) -> AttributeValue {
     if let Some(lifecycle) = &launched.lifecycle {
         fields.insert("lifecycle".to_owned(), s(lifecycle));
     }
+    if let Some(zone) = &launched.zone {
+        fields.insert(ZONE.to_owned(), s(zone));
+    }
+    if let Some(ended_at) = launched.ended_at {
+        fields.insert(ENDED_AT.to_owned(), s(&timestamp(ended_at)));
+    }
     AttributeValue::M(fields)
 }
 
 fn launches_from_item(item: &Item) -> Result<Vec<Launched>, Error> {
     let Some(map) = item.get(INSTANCES).and_then(|v| v.as_m().ok()) else {
         return Ok(Vec::new());
+    };
+    let tasks_ended = item.get(INSTANCE_TASKS).and_then(|v| v.as_m().ok());
+    let busy_ms = item.get(INSTANCE_BUSY_MS).and_then(|v| v.as_m().ok());
+    let count_of = |map: Option<&Item>, id: &str| {
+        map.map_or(Ok(None), |m| opt_n(m, id))
+            .map(Option::unwrap_or_default)
     };
     let mut launches = map
         .iter()
@@ -283,6 +391,10 @@ fn launches_from_item(item: &Item) -> Result<Vec<Launched>, Error> {
                     .ok_or_else(|| Error::malformed("run", "an instance has no launch time"))?,
                 instance_type: opt_s(fields, "instance_type"),
                 lifecycle: opt_s(fields, "lifecycle"),
+                zone: opt_s(fields, ZONE),
+                ended_at: opt_time(fields, ENDED_AT)?,
+                tasks: count_of(tasks_ended, id)?,
+                busy_ms: count_of(busy_ms, id)?,
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -310,6 +422,7 @@ pub(super) fn run_from_item(item: &Item) -> Result<Run, Error> {
             .and_then(|v| v.as_bool().ok())
             .copied()
             .unwrap_or(false),
+        spot_prices: spot_prices_from_item(item)?,
     })
 }
 

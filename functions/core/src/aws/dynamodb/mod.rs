@@ -53,6 +53,22 @@ enum Transaction {
     Cancelled(Vec<Option<String>>),
 }
 
+/// What an instance ended of a run's tasks, counted on the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Ended {
+    tasks: u64,
+    busy_ms: u64,
+}
+
+impl Ended {
+    fn of(result: &crate::message::TaskResult) -> Self {
+        Self {
+            tasks: 1,
+            busy_ms: result.duration_ms(),
+        }
+    }
+}
+
 /// Cancellation reason codes.
 const CONDITION_FAILED: &str = "ConditionalCheckFailed";
 const VALIDATION_ERROR: &str = "ValidationError";

@@ -6,9 +6,9 @@ use aws_sdk_dynamodb::types::TransactWriteItem;
 use chrono::Utc;
 
 use super::codec::*;
-use super::{CONDITION_FAILED, DynamoStore, TRANSACTION_ITEMS, Transaction};
+use super::{CONDITION_FAILED, DynamoStore, Ended, TRANSACTION_ITEMS, Transaction};
 use crate::Error;
-use crate::aws::classify;
+use crate::aws::{build_error, classify};
 use crate::model::{PendingTask, TaskStatus};
 use crate::ports::{Cursor, Page, PendingTasks};
 use crate::rules::TaskChange;
@@ -37,27 +37,47 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().update(update).build())
     }
 
+    /// Moves the run's counters, and what each instance ended: its tasks
+    /// and the time its kernels took (maps by instance id).
     pub(super) fn run_counter(
         &self,
         run_id: &str,
         counters: &[(&'static str, u64)],
+        per_instance: &[(&str, Ended)],
     ) -> Result<TransactWriteItem, Error> {
-        let adds: Vec<String> = counters
+        let mut adds: Vec<String> = counters
             .iter()
             .map(|(name, _)| format!("#{name} :{name}"))
             .collect();
-        let values = counters
+        let mut values: Item = counters
             .iter()
             .map(|(name, n)| (format!(":{name}"), num(*n)))
             .collect();
-        let names: Vec<&str> = counters.iter().map(|(name, _)| *name).collect();
-        let update = self.update(
-            run_key(run_id),
-            &format!("ADD {}", adds.join(", ")),
-            Some("attribute_exists(pk)"),
-            &names,
-            values,
-        )?;
+        let mut names: std::collections::HashMap<String, String> = counters
+            .iter()
+            .map(|(name, _)| (format!("#{name}"), (*name).to_owned()))
+            .collect();
+        for (i, (instance_id, ended)) in per_instance.iter().enumerate() {
+            adds.push(format!("#{INSTANCE_TASKS}.#i{i} :i{i}"));
+            adds.push(format!("#{INSTANCE_BUSY_MS}.#i{i} :b{i}"));
+            values.insert(format!(":i{i}"), num(ended.tasks));
+            values.insert(format!(":b{i}"), num(ended.busy_ms));
+            names.insert(format!("#i{i}"), (*instance_id).to_owned());
+        }
+        if !per_instance.is_empty() {
+            for name in [INSTANCE_TASKS, INSTANCE_BUSY_MS] {
+                names.insert(format!("#{name}"), name.to_owned());
+            }
+        }
+        let update = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(run_key(run_id)))
+            .update_expression(format!("ADD {}", adds.join(", ")))
+            .condition_expression("attribute_exists(pk)")
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .build()
+            .map_err(|e| build_error("Update", e))?;
         Ok(TransactWriteItem::builder().update(update).build())
     }
 
@@ -75,7 +95,7 @@ impl DynamoStore {
                 .iter()
                 .map(|id| self.queue_update(run_id, id, now))
                 .collect::<Result<Vec<_>, Error>>()?;
-            items.push(self.run_counter(run_id, &[(QUEUED, ids.len() as u64)])?);
+            items.push(self.run_counter(run_id, &[(QUEUED, ids.len() as u64)], &[])?);
             let codes = match self.transact(items).await? {
                 Transaction::Committed => return Ok(ids),
                 Transaction::Cancelled(codes) => codes,
@@ -118,7 +138,7 @@ impl DynamoStore {
     async fn queue_group_of_one(&self, run_id: &str, id: &str, now: &str) -> Result<bool, Error> {
         let items = vec![
             self.queue_update(run_id, id, now)?,
-            self.run_counter(run_id, &[(QUEUED, 1)])?,
+            self.run_counter(run_id, &[(QUEUED, 1)], &[])?,
         ];
         Ok(self.transact(items).await? == Transaction::Committed)
     }

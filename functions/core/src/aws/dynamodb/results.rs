@@ -8,11 +8,13 @@ use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
 use chrono::{DateTime, Utc};
 
 use super::codec::*;
-use super::{CONDITION_FAILED, DynamoStore, Transaction, VALIDATION_ERROR, transaction_groups};
+use super::{
+    CONDITION_FAILED, DynamoStore, Ended, Transaction, VALIDATION_ERROR, transaction_groups,
+};
 use crate::Error;
 use crate::limits::{ERROR_LIMIT, RESULT_TOO_LARGE, SUMMARY_LIMIT, bounded};
 use crate::message::{AttemptEvent, TaskOutcome, TaskResult};
-use crate::model::TaskStatus;
+use crate::model::{AttemptRecord, TaskStatus};
 use crate::ports::{AttemptKind, RecordOutcome, ResultRecorder};
 use crate::rules::TaskChange;
 
@@ -23,6 +25,14 @@ const COUNTER_ROOM: usize = 10;
 /// Whether DynamoDB refused a write because an item would pass 400 KB.
 fn is_item_too_large(error: &Error) -> bool {
     matches!(error, Error::Permanent { reason, .. } if reason.contains("Item size"))
+}
+
+/// What a group of results moves on one run.
+#[derive(Default)]
+struct RunCounts<'a> {
+    done: u64,
+    failed: u64,
+    per_instance: BTreeMap<&'a str, Ended>,
 }
 
 /// The counter a result moves.
@@ -118,7 +128,11 @@ impl DynamoStore {
         };
         let items = vec![
             self.result_update(result, None)?,
-            self.run_counter(&result.run_id, &[(counter(&result.outcome), 1)])?,
+            self.run_counter(
+                &result.run_id,
+                &[(counter(&result.outcome), 1)],
+                &[(&result.instance_id, Ended::of(result))],
+            )?,
         ];
         // AWS names an item over 400 KB as a cancellation reason; the
         // emulator refuses the whole call: both mean the same here.
@@ -144,7 +158,11 @@ impl DynamoStore {
     ) -> Result<RecordOutcome, Error> {
         let items = vec![
             self.result_update(result, Some(reason))?,
-            self.run_counter(&result.run_id, &[(FAILED, 1)])?,
+            self.run_counter(
+                &result.run_id,
+                &[(FAILED, 1)],
+                &[(&result.instance_id, Ended::of(result))],
+            )?,
         ];
         match self.transact(items).await? {
             Transaction::Committed => Ok(RecordOutcome::FailedInstead(reason.to_owned())),
@@ -166,20 +184,32 @@ impl DynamoStore {
     ) -> Result<(), Error> {
         let mut group: Vec<&TaskResult> = results.to_vec();
         while !group.is_empty() {
-            let mut counters: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+            let mut counters: BTreeMap<&str, RunCounts> = BTreeMap::new();
             for result in &group {
                 let entry = counters.entry(result.run_id.as_str()).or_default();
                 match result.outcome {
-                    TaskOutcome::Done { .. } => entry.0 += 1,
-                    TaskOutcome::Failed { .. } => entry.1 += 1,
+                    TaskOutcome::Done { .. } => entry.done += 1,
+                    TaskOutcome::Failed { .. } => entry.failed += 1,
                 }
+                let ended = entry.per_instance.entry(&result.instance_id).or_default();
+                ended.tasks += 1;
+                ended.busy_ms += result.duration_ms();
             }
             let mut items = group
                 .iter()
                 .map(|r| self.result_update(r, None))
                 .collect::<Result<Vec<_>, Error>>()?;
-            for (run_id, (done, failed)) in &counters {
-                items.push(self.run_counter(run_id, &[(DONE, *done), (FAILED, *failed)])?);
+            for (run_id, counts) in &counters {
+                let per_instance: Vec<(&str, Ended)> = counts
+                    .per_instance
+                    .iter()
+                    .map(|(id, n)| (*id, *n))
+                    .collect();
+                items.push(self.run_counter(
+                    run_id,
+                    &[(DONE, counts.done), (FAILED, counts.failed)],
+                    &per_instance,
+                )?);
             }
             let codes = match self.transact(items).await {
                 Ok(Transaction::Committed) => {
@@ -288,12 +318,28 @@ impl ResultRecorder for DynamoStore {
                 AttributeValue::Ss(vec![event.event_id.clone()]),
             ),
         ]);
-        names.push(counter);
-        let mut expression = format!("ADD #{counter} :one, #seen_events :event");
+        let record = AttemptRecord {
+            instance_id: event.instance_id.clone(),
+            started_at: event.started_at,
+            ended_at: event.at,
+            outcome: kind,
+        };
+        values.extend([
+            (
+                ":attempt".to_owned(),
+                AttributeValue::L(vec![attempt_value(&record)]),
+            ),
+            (":none".to_owned(), AttributeValue::L(Vec::new())),
+        ]);
+        names.extend([counter, ATTEMPT_LOG]);
+        let mut expression = format!(
+            "ADD #{counter} :one, #seen_events :event \
+             SET #attempt_log = list_append(if_not_exists(#attempt_log, :none), :attempt)"
+        );
         if let Some(error) = &event.error {
             values.insert(":error".into(), s(&bounded(error, ERROR_LIMIT)));
             names.push(LAST_ERROR);
-            expression.push_str(" SET #last_error = :error");
+            expression.push_str(", #last_error = :error");
         }
         let update = self.update(
             task_key(&event.task_id),
@@ -345,7 +391,7 @@ impl ResultRecorder for DynamoStore {
         )?;
         let items = vec![
             TransactWriteItem::builder().update(update).build(),
-            self.run_counter(run_id, &[(FAILED, 1)])?,
+            self.run_counter(run_id, &[(FAILED, 1)], &[])?,
         ];
         match self.transact(items).await? {
             Transaction::Committed => Ok(RecordOutcome::Recorded),

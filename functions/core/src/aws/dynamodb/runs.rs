@@ -12,8 +12,9 @@ use super::codec::*;
 use super::{DynamoStore, Transaction};
 use crate::Error;
 use crate::aws::build_error;
-use crate::model::{Launched, Run, RunState};
-use crate::ports::{RunReader, RunStore};
+use crate::aws::classify;
+use crate::model::{InstanceSeen, Launched, Run, RunState, SpotPrice};
+use crate::ports::{Cursor, Page, RunReader, RunStore};
 
 #[async_trait]
 impl RunReader for DynamoStore {
@@ -34,6 +35,31 @@ impl RunStore for DynamoStore {
         self.run(&req_s(&pointer, CURRENT_RUN_ID)?).await
     }
 
+    async fn runs_page(&self, limit: usize, after: Option<&Cursor>) -> Result<Page<Run>, Error> {
+        let output = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name("runs")
+            .key_condition_expression("#list = :list")
+            .expression_attribute_names("#list", RUN_LIST)
+            .expression_attribute_values(":list", s(RUN_LIST_VALUE))
+            .scan_index_forward(false)
+            .limit(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
+            .set_exclusive_start_key(start_key(after)?)
+            .send()
+            .await
+            .map_err(|e| classify("Query runs", e))?;
+        Ok(Page {
+            items: output
+                .items()
+                .iter()
+                .map(run_from_item)
+                .collect::<Result<_, _>>()?,
+            next: cursor_of(output.last_evaluated_key),
+        })
+    }
+
     async fn open_run(
         &self,
         new_run_id: &str,
@@ -48,6 +74,7 @@ impl RunStore for DynamoStore {
         let mut run_item = run_key(new_run_id);
         run_item.extend([
             (ID.to_owned(), s(new_run_id)),
+            (RUN_LIST.to_owned(), s(RUN_LIST_VALUE)),
             (STATE.to_owned(), s(RunState::Open.as_str())),
             (STARTED_AT.to_owned(), s(&timestamp(now))),
             (DEADLINE.to_owned(), s(&timestamp(deadline))),
@@ -56,6 +83,12 @@ impl RunStore for DynamoStore {
             (FAILED.to_owned(), num(0)),
             (FLEET_REQUESTS.to_owned(), num(0)),
             (INSTANCES.to_owned(), AttributeValue::M(HashMap::new())),
+            (SPOT_PRICES.to_owned(), AttributeValue::M(HashMap::new())),
+            (INSTANCE_TASKS.to_owned(), AttributeValue::M(HashMap::new())),
+            (
+                INSTANCE_BUSY_MS.to_owned(),
+                AttributeValue::M(HashMap::new()),
+            ),
             (WAITING.to_owned(), AttributeValue::Bool(false)),
         ]);
         let run = run_from_item(&run_item)?;
@@ -122,6 +155,7 @@ impl RunStore for DynamoStore {
         run_id: &str,
         request_number: u32,
         launched: &[Launched],
+        prices: &[SpotPrice],
     ) -> Result<bool, Error> {
         let mut values: Item = HashMap::from([
             (":n".into(), num(u64::from(request_number))),
@@ -132,6 +166,10 @@ impl RunStore for DynamoStore {
             values.insert(format!(":i{i}"), launched_value(instance));
             sets.push(format!("#instances.#i{i} = :i{i}"));
         }
+        for (i, price) in prices.iter().enumerate() {
+            values.insert(format!(":p{i}"), spot_price_value(price));
+            sets.push(format!("#spot_prices.#p{i} = :p{i}"));
+        }
         let mut update = aws_sdk_dynamodb::types::Update::builder()
             .table_name(&self.table)
             .set_key(Some(run_key(run_id)))
@@ -141,11 +179,58 @@ impl RunStore for DynamoStore {
         for (i, instance) in launched.iter().enumerate() {
             update = update.expression_attribute_names(format!("#i{i}"), &instance.id);
         }
+        for (i, price) in prices.iter().enumerate() {
+            update = update.expression_attribute_names(format!("#p{i}"), spot_price_key(price));
+        }
+        if !prices.is_empty() {
+            update = update.expression_attribute_names(format!("#{SPOT_PRICES}"), SPOT_PRICES);
+        }
         for name in [FLEET_REQUESTS, INSTANCES] {
             update = update.expression_attribute_names(format!("#{name}"), name);
         }
         let update = update.build().map_err(|e| build_error("Update", e))?;
         self.conditional_update(update).await
+    }
+
+    async fn record_instances(&self, run_id: &str, seen: &[InstanceSeen]) -> Result<(), Error> {
+        // One update for them all; `if_not_exists` keeps a field already
+        // recorded, so passes that race record the same first sighting.
+        let mut update = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(run_key(run_id)));
+        let mut sets = Vec::new();
+        let mut exists = Vec::new();
+        let mut used = std::collections::BTreeSet::from([INSTANCES]);
+        for (i, instance) in seen.iter().enumerate() {
+            let fields = [
+                (ZONE, instance.zone.clone()),
+                (ENDED_AT, instance.ended_at.map(timestamp)),
+            ];
+            for (field, value) in fields {
+                let Some(value) = value else { continue };
+                used.insert(field);
+                let path = format!("#instances.#i{i}.#{field}");
+                sets.push(format!("{path} = if_not_exists({path}, :{field}{i})"));
+                update = update.expression_attribute_values(format!(":{field}{i}"), s(&value));
+            }
+            update = update.expression_attribute_names(format!("#i{i}"), &instance.id);
+            exists.push(format!("attribute_exists(#instances.#i{i})"));
+        }
+        if sets.is_empty() {
+            return Ok(());
+        }
+        // DynamoDB refuses a name the expressions do not use.
+        for name in used {
+            update = update.expression_attribute_names(format!("#{name}"), name);
+        }
+        let update = update
+            .update_expression(format!("SET {}", sets.join(", ")))
+            .condition_expression(exists.join(" AND "))
+            .build()
+            .map_err(|e| build_error("Update", e))?;
+        // Refused only for an instance the run does not record: nothing to do.
+        self.conditional_update(update).await?;
+        Ok(())
     }
 
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {

@@ -16,7 +16,7 @@ use super::{
 use crate::Error;
 use crate::aws::{build_error, classify};
 use crate::model::{NewTask, Task, TaskStatus};
-use crate::ports::{InsertOutcome, TaskReader, TaskWriter};
+use crate::ports::{Cursor, InsertOutcome, Page, TaskReader, TaskWriter};
 use crate::rules::STAGED_ABANDONED_AFTER;
 
 /// How long a STAGED task outlives a request that died before it ended.
@@ -299,28 +299,31 @@ impl TaskReader for DynamoStore {
             .collect()
     }
 
-    async fn run_tasks(&self, run_id: &str) -> Result<Vec<Task>, Error> {
-        let mut tasks = Vec::new();
-        let mut start_key = None;
-        loop {
-            let output = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name("by_run")
-                .key_condition_expression("run_id = :run")
-                .expression_attribute_values(":run", s(run_id))
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(|e| classify("Query by_run", e))?;
-            for item in output.items() {
-                tasks.push(codec::task_from_item(item)?);
-            }
-            start_key = output.last_evaluated_key;
-            if start_key.is_none() {
-                return Ok(tasks);
-            }
-        }
+    async fn run_tasks_page(
+        &self,
+        run_id: &str,
+        limit: usize,
+        after: Option<&Cursor>,
+    ) -> Result<Page<Task>, Error> {
+        let output = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name("by_run")
+            .key_condition_expression("run_id = :run")
+            .expression_attribute_values(":run", s(run_id))
+            .limit(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
+            .set_exclusive_start_key(codec::start_key(after)?)
+            .send()
+            .await
+            .map_err(|e| classify("Query by_run", e))?;
+        Ok(Page {
+            items: output
+                .items()
+                .iter()
+                .map(codec::task_from_item)
+                .collect::<Result<_, _>>()?,
+            next: codec::cursor_of(output.last_evaluated_key),
+        })
     }
 }
