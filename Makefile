@@ -19,11 +19,12 @@ NIGHTSHIFT := $(BIN)/nightshift
 ACCOUNTS ?= 50
 CHAOS_TASKS ?= 300
 
-.PHONY: help venv build fmt fmt-check clippy lint unit e2e chaos test demo bench package upload-worker clean
+.PHONY: help venv browser build fmt fmt-check clippy lint unit e2e chaos test demo dashboard bench package upload-worker clean
 
 help:
 	@echo "make demo     run a night on the local stack: $(ACCOUNTS) accounts, spot workers, the report"
-	@echo "make test     fmt, clippy, lint, unit, conformance, end-to-end and chaos tests (what CI runs)"
+	@echo "make test     fmt, clippy, lint, unit, conformance, end-to-end, browser and chaos tests (what CI runs)"
+	@echo "make dashboard  the operator's page for the local stack (http://127.0.0.1:8642/)"
 	@echo "make lint     the template: cfn-lint, sam validate --lint, checkov"
 	@echo "make chaos    the chaos test at $(CHAOS_TASKS) tasks (CHAOS_SEED=n replays a seed)"
 	@echo "make bench    kernel benchmark against NumPy"
@@ -45,6 +46,15 @@ $(PACKAGE_VENV)/.installed: requirements-package.txt
 	$(PYTHON) -m venv $(PACKAGE_VENV)
 	$(PACKAGE_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-package.txt
 	touch $@
+
+# Headless Chromium and its WebDriver, from Debian's packages, for the
+# dashboard's browser test.
+CHROMEDRIVER := /usr/bin/chromedriver
+$(CHROMEDRIVER):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
+browser: $(CHROMEDRIVER)
 
 build:
 	cargo build --workspace --bins
@@ -74,8 +84,8 @@ unit:
 # test prints its seed and its verdict line. Each stack keeps the calls its
 # proxy authorized in $(CALLS); the IAM test reads them all, last.
 CALLS := $(BIN)/nightshift-calls
-E2E_TESTS := --test end_to_end --test conformance --test invoke --test chaos
-e2e: venv build
+E2E_TESTS := --test end_to_end --test conformance --test invoke --test report --test dashboard --test chaos
+e2e: venv browser build
 	rm -rf $(CALLS)
 	cargo test -p nightshift-e2e --locked $(E2E_TESTS) -- --test-threads=1 --nocapture
 	cargo test -p nightshift-e2e --locked --test iam -- --nocapture
@@ -91,6 +101,11 @@ demo: venv build
 	@echo "local stack up (.nightshift/local.env); running the demo"
 	$(NIGHTSHIFT) demo --accounts $(ACCOUNTS); status=$$?; \
 		$(NIGHTSHIFT) local down; exit $$status
+
+# The operator's page against the local stack (`make demo` leaves none up:
+# run `nightshift local up` first, or pass --api for a deployed stack).
+dashboard: build
+	$(NIGHTSHIFT) dashboard
 
 bench: venv
 	bash worker-ami/kernels/bench/run.sh

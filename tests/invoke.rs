@@ -139,6 +139,7 @@ async fn every_function_binary_answers_its_sample_events_through_the_runtime_api
         "get-task.json",
         "post-runs.json",
         "get-run.json",
+        "get-runs.json",
         "get-run-report.json",
     ] {
         let answer = invoke(&stack, "ingest", "IngestFunction", event).await;

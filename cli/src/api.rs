@@ -136,6 +136,11 @@ impl Api {
     pub fn base(&self) -> &str {
         &self.base
     }
+
+    /// Whether requests are signed.
+    pub fn is_signed(&self) -> bool {
+        self.signer.is_some()
+    }
 }
 
 /// An answer of the API under 400.

@@ -3,6 +3,7 @@
 
 mod api;
 mod client;
+mod dashboard;
 mod local;
 mod report;
 
@@ -93,6 +94,18 @@ enum Command {
         /// Give up following the run after this many seconds.
         #[arg(long, default_value_t = 900)]
         timeout: u64,
+    },
+    /// The operator's web page on this machine: test accounts, the start
+    /// button, the run live, reports and past runs. Its calls to the API are
+    /// signed with your AWS credentials (or the local stack's).
+    ///
+    /// Example: nightshift dashboard --api https://abc123.execute-api.eu-west-2.amazonaws.com
+    Dashboard {
+        /// Port on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 8642)]
+        port: u16,
+        #[command(flatten)]
+        api: ApiArgs,
     },
     /// Runs: start one now, or read one.
     Run {
@@ -406,6 +419,14 @@ async fn execute(command: Command) -> Result<(), CliError> {
                 Duration::from_secs(timeout),
             )
             .await
+        }
+        Command::Dashboard { port, api } => {
+            let api = api.connect().await?;
+            let address = dashboard::address(port);
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| CliError::Local(format!("cannot listen on {address}: {e}")))?;
+            dashboard::serve(api, listener).await
         }
         Command::Run { command } => match command {
             RunCommand::Start { api } => client::start_run(&api.connect().await?).await,

@@ -103,10 +103,15 @@ fn seconds(ms: &Value) -> String {
         .map_or("-".to_owned(), |ms| format!("{:.2}s", ms / 1000.0))
 }
 
+/// Dollars to the cent, or to three significant digits below a cent (the
+/// price of a few instance-minutes).
 fn usd(value: &Value) -> String {
-    value
-        .as_f64()
-        .map_or("-".to_owned(), |usd| format!("${usd:.6}"))
+    match value.as_f64() {
+        None => "-".to_owned(),
+        Some(usd) if usd == 0.0 || usd.abs() >= 0.01 => format!("${usd:.2}"),
+        Some(usd) if usd.abs() >= 0.0001 => format!("${usd:.6}"),
+        Some(usd) => format!("${usd:.2e}"),
+    }
 }
 
 fn print_table(report: &Value) {

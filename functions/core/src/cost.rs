@@ -58,6 +58,8 @@ pub struct InstanceCost {
     pub ended_at: Option<DateTime<Utc>>,
     /// From launch to its recorded end (to now while it runs).
     pub seconds: f64,
+    /// What EC2 bills of them: per second, a minute at least.
+    pub billed_seconds: f64,
     /// The price it ran at: the recorded spot price for its type and zone,
     /// or the on-demand price.
     pub usd_per_hour: Option<f64>,
@@ -111,8 +113,8 @@ pub fn run_cost(run: &Run, tasks: u64, now: DateTime<Utc>, prices: &PriceTable) 
         }
         lines.push(CostLine {
             item: format!("{lifecycle} instances"),
-            quantity: of_kind.iter().map(|i| i.seconds).sum(),
-            unit: "instance-second",
+            quantity: of_kind.iter().map(|i| i.billed_seconds).sum(),
+            unit: "billed instance-second",
             usd: of_kind.iter().filter_map(|i| i.usd).sum(),
         });
     }
@@ -153,8 +155,8 @@ fn instance_cost(
     prices: &PriceTable,
 ) -> InstanceCost {
     let end = instance.ended_at.unwrap_or(now);
-    let seconds = ((end - instance.launched_at).num_milliseconds().max(0) as f64 / 1000.0)
-        .max(MINIMUM_BILLED_SECONDS);
+    let seconds = (end - instance.launched_at).num_milliseconds().max(0) as f64 / 1000.0;
+    let billed_seconds = seconds.max(MINIMUM_BILLED_SECONDS);
     let on_demand_rate = instance
         .instance_type
         .as_deref()
@@ -170,7 +172,7 @@ fn instance_cost(
             })
             .map(|p| p.usd_per_hour)
     };
-    let cost_at = |per_hour: f64| seconds / 3600.0 * per_hour;
+    let cost_at = |per_hour: f64| billed_seconds / 3600.0 * per_hour;
     InstanceCost {
         id: instance.id.clone(),
         instance_type: instance.instance_type.clone(),
@@ -179,6 +181,7 @@ fn instance_cost(
         launched_at: instance.launched_at,
         ended_at: instance.ended_at,
         seconds,
+        billed_seconds,
         usd_per_hour: rate,
         usd: rate.map(cost_at),
         on_demand_usd: on_demand_rate.map(cost_at),
@@ -293,8 +296,9 @@ mod tests {
         assert!(!cost.complete);
         assert_eq!(cost.instances[0].usd, None);
         assert!(cost.note.contains("1 instance(s)"));
+        assert!(close(cost.instances[1].seconds, 10.0));
         assert!(
-            close(cost.instances[1].seconds, 60.0),
+            close(cost.instances[1].billed_seconds, 60.0),
             "a minute is billed at least"
         );
     }

@@ -274,6 +274,8 @@ pub struct Launched {
     pub zone: Option<String>,
     /// When EC2 says it stopped running (terminated, or shutting down).
     pub ended_at: Option<DateTime<Utc>>,
+    /// The tasks it runs at once, as the dispatcher launched it.
+    pub slots: u32,
     /// The run's tasks whose result it reported (done or failed).
     pub tasks: u64,
     /// The time its kernels took on them.
@@ -294,6 +296,7 @@ impl Launched {
             lifecycle,
             zone: None,
             ended_at: None,
+            slots: 1,
             tasks: 0,
             busy_ms: 0,
         }

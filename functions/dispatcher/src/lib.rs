@@ -407,7 +407,10 @@ impl Dispatcher<'_> {
         // and that is made again with another count is a new request, not
         // a mismatch that would fail every later pass.
         let token = format!("{}-{}-{count}", run.id, run.fleet_requests);
-        let launched = self.fleet.launch(&run.id, count, &token).await?;
+        let mut launched = self.fleet.launch(&run.id, count, &token).await?;
+        for instance in &mut launched {
+            instance.slots = self.settings.slots_per_instance;
+        }
         let prices = self.prices_to_record(run, &launched, now).await;
         if !self
             .runs

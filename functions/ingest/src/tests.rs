@@ -272,6 +272,10 @@ async fn sample_api_gateway_events_reach_the_router() {
             include_str!("../../../events/get-run-report.json"),
             StatusCode::NOT_FOUND,
         ),
+        (
+            include_str!("../../../events/get-runs.json"),
+            StatusCode::OK,
+        ),
     ] {
         let request: lambda_http::request::LambdaRequest = serde_json::from_str(event).unwrap();
         let request: lambda_http::Request = request.into();

@@ -59,10 +59,11 @@ pub(super) const QUEUED: &str = "queued";
 pub(super) const DONE: &str = "done";
 pub(super) const FAILED: &str = "failed";
 /// A map: instance id → `{launched_at, instance_type, lifecycle, zone,
-/// ended_at}`.
+/// ended_at, slots}`.
 pub(super) const INSTANCES: &str = "instances";
 pub(super) const ZONE: &str = "zone";
 pub(super) const ENDED_AT: &str = "ended_at";
+pub(super) const SLOTS: &str = "slots";
 /// A map: `"<type> <zone>"` → `{instance_type, zone, usd_per_hour, read_at}`.
 pub(super) const SPOT_PRICES: &str = "spot_prices";
 /// A map: instance id → how many of the run's tasks it ended.
@@ -363,6 +364,7 @@ pub(super) fn launched_value(launched: &Launched) -> AttributeValue {
     if let Some(zone) = &launched.zone {
         fields.insert(ZONE.to_owned(), s(zone));
     }
+    fields.insert(SLOTS.to_owned(), num(u64::from(launched.slots)));
     if let Some(ended_at) = launched.ended_at {
         fields.insert(ENDED_AT.to_owned(), s(&timestamp(ended_at)));
     }
@@ -393,6 +395,7 @@ fn launches_from_item(item: &Item) -> Result<Vec<Launched>, Error> {
                 lifecycle: opt_s(fields, "lifecycle"),
                 zone: opt_s(fields, ZONE),
                 ended_at: opt_time(fields, ENDED_AT)?,
+                slots: count(fields, SLOTS)?.max(1),
                 tasks: count_of(tasks_ended, id)?,
                 busy_ms: count_of(busy_ms, id)?,
             })
