@@ -5,16 +5,26 @@
 use std::time::Duration;
 
 use nightshift_collector::{Incoming, collect};
+use nightshift_core::Usage;
 use nightshift_core::aws::dynamodb::DynamoStore;
+use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::sqs::SqsQueue;
 use nightshift_core::ports::Queue;
+use nightshift_core::ports::{UsageSource, charge};
 
 use super::template::SqsSource;
+
+/// The function the feeder invokes: its store, and what counts its calls.
+pub struct Collector {
+    pub store: DynamoStore,
+    pub meter: Meter,
+    pub memory_mb: u32,
+}
 
 pub async fn run(
     queue: SqsQueue,
     source: SqsSource,
-    store: DynamoStore,
+    collector: Collector,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let wait = Duration::from_secs(source.batching_window_seconds.max(1));
@@ -41,7 +51,17 @@ pub async fn run(
                 body: m.body.clone(),
             })
             .collect();
-        let failed = collect(&store, &incoming).await;
+        let started = std::time::Instant::now();
+        let collected = collect(&collector.store, &incoming).await;
+        let mut used = collector.meter.take();
+        used.add(&Usage::invocation(started.elapsed(), collector.memory_mb));
+        charge(
+            &collector.store,
+            collected.runs.first().map(String::as_str),
+            &used,
+        )
+        .await;
+        let failed = collected.retry;
         // Without ReportBatchItemFailures a failure returns the whole batch.
         if !source.report_batch_item_failures && !failed.is_empty() {
             continue;

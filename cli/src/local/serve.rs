@@ -12,10 +12,13 @@ use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use nightshift_core::Usage;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::ec2::SpotFleet;
+use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
+use nightshift_core::ports::{UsageSource, charge};
 use nightshift_dispatcher::{Dispatcher, Settings as DispatchSettings};
 use nightshift_ingest::{Api, DispatchTrigger};
 use tokio::process::Command;
@@ -200,9 +203,9 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     let ingest = nightshift_ingest::Config::from_env(&environment("IngestFunction")?)?;
     let dispatcher = nightshift_dispatcher::Config::from_env(&environment("DispatcherFunction")?)?;
     let collector = nightshift_collector::Config::from_env(&environment("CollectorFunction")?)?;
-    let store_for = |aws: &aws_config::SdkConfig| {
+    let store_for = |aws: &aws_config::SdkConfig, meter: &Meter| {
         DynamoStore::new(
-            nightshift_core::aws::dynamodb::Client::new(aws),
+            nightshift_core::aws::dynamodb::metered_client(aws, meter),
             collector.table.clone(),
             collector.pending_shards,
         )
@@ -210,7 +213,8 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
 
     // The API, served as API Gateway would serve the ingest function.
     let wake = Arc::new(Notify::new());
-    let ingest_store = store_for(&ingest_aws);
+    // The API's calls are made by day, for no run: counted for nothing.
+    let ingest_store = store_for(&ingest_aws, &Meter::default());
     let api = Api {
         writer: Arc::new(ingest_store.clone()),
         reader: Arc::new(ingest_store.clone()),
@@ -238,24 +242,27 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     ));
 
     // The dispatcher, on its schedule and when the API wakes it.
+    let meter = Meter::default();
     let fleet = SpotFleet::new(
-        nightshift_core::aws::ec2::Client::new(&dispatcher_aws),
+        nightshift_core::aws::ec2::metered_client(&dispatcher_aws, &meter),
         dispatcher.launch_template_id,
         dispatcher.instance_types,
         dispatcher.subnet_ids,
     );
     let dispatch = Arc::new(DispatchPorts {
-        store: store_for(&dispatcher_aws),
+        store: store_for(&dispatcher_aws, &meter),
         queue: SqsQueue::new(
-            nightshift_core::aws::sqs::Client::new(&dispatcher_aws),
+            nightshift_core::aws::sqs::metered_client(&dispatcher_aws, &meter),
             dispatcher.task_queue_url,
         ),
         fleet,
         blobs: S3Blobs::new(
-            nightshift_core::aws::s3::Client::new(&dispatcher_aws),
+            nightshift_core::aws::s3::metered_client(&dispatcher_aws, &meter),
             dispatcher.bucket,
         ),
         settings: dispatcher.settings,
+        meter,
+        memory_mb: dispatcher.memory_mb,
     });
     // As EventBridge may deliver a tick twice, several loops may run at once.
     // The night's start, which EventBridge Scheduler sends on AWS, comes
@@ -275,7 +282,8 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
 
     // The collector, fed from each SQS event source the template declares,
     // polled as Lambda's event source mapping polls, with the function's role.
-    let collector_store = store_for(&collector_aws);
+    let collector_meter = Meter::default();
+    let collector_store = store_for(&collector_aws, &collector_meter);
     let event_source_sqs = nightshift_core::aws::sqs::Client::new(&event_source_aws);
     for source in template.sqs_sources("CollectorFunction")? {
         let url = resolved
@@ -286,7 +294,11 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         tasks.spawn(super::feeder::run(
             SqsQueue::new(event_source_sqs.clone(), url),
             source,
-            collector_store.clone(),
+            super::feeder::Collector {
+                store: collector_store.clone(),
+                meter: collector_meter.clone(),
+                memory_mb: collector.memory_mb,
+            },
             stop.clone(),
         ));
     }
@@ -442,6 +454,9 @@ struct DispatchPorts {
     fleet: SpotFleet,
     blobs: S3Blobs,
     settings: DispatchSettings,
+    /// Counts the calls of every loop; each pass charges what it took.
+    meter: Meter,
+    memory_mb: u32,
 }
 
 /// What wakes a dispatcher loop besides its tick: the API (a run started)
@@ -470,11 +485,16 @@ async fn dispatch_loop(
     loop {
         let owner = uuid::Uuid::new_v4().to_string();
         let now = chrono::Utc::now();
+        let started = std::time::Instant::now();
         let pass = if night_starts {
             dispatcher.open_night(now, &owner).await
         } else {
             dispatcher.pass(now, &owner).await
         };
+        let mut used = ports.meter.take();
+        used.add(&Usage::invocation(started.elapsed(), ports.memory_mb));
+        let run_id = pass.as_ref().ok().and_then(|p| p.run_id.as_deref());
+        charge(&ports.store, run_id, &used).await;
         match pass {
             Ok(pass) if pass.skipped.is_none() => {
                 tracing::info!(?pass, night_starts, "dispatch pass")

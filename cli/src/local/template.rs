@@ -135,6 +135,20 @@ impl Template {
                 environment.insert(name.clone(), self.single(value, resolved)?);
             }
         }
+        // What Lambda's runtime adds to every function's environment.
+        let memory = [
+            &resource["Properties"]["MemorySize"],
+            &self.document["Globals"]["Function"]["MemorySize"],
+        ]
+        .into_iter()
+        .find(|m| !m.is_null());
+        if let Some(memory) = memory {
+            let megabytes = match memory {
+                Value::Number(n) => n.to_string(),
+                other => self.single(other, resolved)?,
+            };
+            environment.insert("AWS_LAMBDA_FUNCTION_MEMORY_SIZE".to_owned(), megabytes);
+        }
         Ok(environment)
     }
 

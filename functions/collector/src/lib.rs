@@ -23,6 +23,8 @@ use tracing::Instrument;
 pub struct Config {
     pub table: String,
     pub pending_shards: u32,
+    /// The function's memory, as Lambda gives it (0: not on Lambda).
+    pub memory_mb: u32,
 }
 
 impl Config {
@@ -30,6 +32,7 @@ impl Config {
         Ok(Self {
             table: config::required(env, "NIGHTSHIFT_TABLE")?,
             pending_shards: config::parsed_or(env, "NIGHTSHIFT_PENDING_SHARDS", 8)?,
+            memory_mb: config::parsed_or(env, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 0)?,
         })
     }
 }
@@ -41,17 +44,34 @@ pub struct Incoming {
     pub body: String,
 }
 
-/// Records a batch; returns the message ids that must be delivered again.
-pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Vec<String> {
-    let mut retry = Vec::new();
+/// What a batch came to.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Collected {
+    /// The message ids that must be delivered again.
+    pub retry: Vec<String>,
+    /// The runs the batch was about, in order: what recording it cost is
+    /// theirs.
+    pub runs: Vec<String>,
+}
+
+/// Records a batch.
+pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Collected {
+    let mut collected = Collected::default();
     let mut results = Vec::new();
     for message in messages {
-        match Envelope::from_json(&message.body) {
+        let envelope = Envelope::from_json(&message.body);
+        if let Ok(envelope) = &envelope
+            && !collected.runs.iter().any(|run| run == envelope.run_id())
+        {
+            collected.runs.push(envelope.run_id().to_owned());
+        }
+        match envelope {
             Ok(Envelope::Result(result)) => results.push((message.message_id.clone(), result)),
             Ok(other) => {
-                let span = tracing::info_span!("message", message_id = %message.message_id, task_id = %other.task_id());
+                let span = tracing::info_span!("message", message_id = %message.message_id,
+                    task_id = other.task_id().unwrap_or_default(), run_id = %other.run_id());
                 if !record_one(recorder, other).instrument(span).await {
-                    retry.push(message.message_id.clone());
+                    collected.retry.push(message.message_id.clone());
                 }
             }
             Err(error) => {
@@ -60,6 +80,19 @@ pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Ve
             }
         }
     }
+    collected
+        .retry
+        .extend(record_results(recorder, results).await);
+    collected
+}
+
+/// Records the results of a batch; returns the message ids that must be
+/// delivered again.
+async fn record_results(
+    recorder: &dyn ResultRecorder,
+    results: Vec<(String, TaskResult)>,
+) -> Vec<String> {
+    let mut retry = Vec::new();
     if results.is_empty() {
         return retry;
     }
@@ -156,6 +189,10 @@ async fn record_one(recorder: &dyn ResultRecorder, envelope: Envelope) -> bool {
                     .fail_task(&task.task_id, &task.run_id, Utc::now(), None)
                     .await
             }
+            Envelope::Usage(report) => recorder
+                .add_usage(&report.run_id, &report.usage)
+                .await
+                .map(|()| RecordOutcome::Recorded),
             Envelope::Result(_) => Ok(RecordOutcome::Unknown),
         }
     })

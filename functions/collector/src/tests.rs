@@ -68,10 +68,10 @@ fn message(id: &str, envelope: &Envelope) -> Incoming {
 async fn a_result_delivered_twice_is_recorded_once() {
     let store = store_with_queued(&["t1", "t2"]).await;
     let batch = [message("m1", &result("t1")), message("m2", &result("t2"))];
-    assert!(collect(&store, &batch).await.is_empty());
+    assert!(collect(&store, &batch).await.retry.is_empty());
     // The same result again, alone and inside a batch with itself.
     let again = [message("m3", &result("t1")), message("m4", &result("t1"))];
-    assert!(collect(&store, &again).await.is_empty());
+    assert!(collect(&store, &again).await.retry.is_empty());
     let run = store.run("r1").await.unwrap().unwrap();
     assert_eq!((run.queued, run.done, run.failed), (2, 2, 0));
     let task = store.task("t1").await.unwrap().unwrap();
@@ -96,7 +96,7 @@ async fn the_sample_event_parses_and_records() {
         .collect();
     let store = MemoryStore::default();
     // Unknown tasks are acknowledged, not retried forever.
-    assert!(collect(&store, &messages).await.is_empty());
+    assert!(collect(&store, &messages).await.retry.is_empty());
 }
 
 #[tokio::test]
@@ -113,7 +113,10 @@ async fn only_failed_messages_are_reported() {
     ];
     // The early result waits for its task to be QUEUED; an unreadable
     // message never becomes readable and is dropped (with an error logged).
-    assert_eq!(collect(&store, &batch).await, vec!["early".to_owned()]);
+    assert_eq!(
+        collect(&store, &batch).await.retry,
+        vec!["early".to_owned()]
+    );
 }
 
 #[tokio::test]
@@ -131,6 +134,7 @@ async fn attempts_count_once_and_dead_letters_fail_the_task_with_its_last_error(
     assert!(
         collect(&store, &[message("a", &failed), message("b", &failed)])
             .await
+            .retry
             .is_empty()
     );
     let dead = Envelope::Task(TaskMessage {
@@ -145,6 +149,7 @@ async fn attempts_count_once_and_dead_letters_fail_the_task_with_its_last_error(
     assert!(
         collect(&store, &[message("c", &dead), message("d", &dead)])
             .await
+            .retry
             .is_empty()
     );
     let task = store.task("t1").await.unwrap().unwrap();
@@ -160,11 +165,11 @@ async fn a_transient_failure_retries_the_results_and_loses_none() {
     let store = store_with_queued(&["t1", "t2"]).await;
     store.inject_fault("record_results", 1);
     let batch = [message("m1", &result("t1")), message("m2", &result("t2"))];
-    let mut retry = collect(&store, &batch).await;
+    let mut retry = collect(&store, &batch).await.retry;
     retry.sort();
     assert_eq!(retry, vec!["m1".to_owned(), "m2".to_owned()]);
     assert!(
-        collect(&store, &batch).await.is_empty(),
+        collect(&store, &batch).await.retry.is_empty(),
         "the redelivery records them"
     );
     let run = store.run("r1").await.unwrap().unwrap();
@@ -202,7 +207,7 @@ async fn a_result_too_large_for_its_item_fails_its_task_and_the_run_can_end() {
         message("m2", &result("small")),
     ];
     assert!(
-        collect(&store, &batch).await.is_empty(),
+        collect(&store, &batch).await.retry.is_empty(),
         "nothing is retried forever"
     );
     let task = store.task("big").await.unwrap().unwrap();
@@ -244,6 +249,9 @@ impl ResultRecorder for RefusesPoison {
     ) -> Result<RecordOutcome, Error> {
         self.0.fail_task(task_id, run_id, at, reason).await
     }
+    async fn add_usage(&self, run_id: &str, usage: &nightshift_core::Usage) -> Result<(), Error> {
+        self.0.add_usage(run_id, usage).await
+    }
 }
 
 #[tokio::test]
@@ -253,7 +261,7 @@ async fn a_result_refused_for_good_fails_only_its_own_task() {
         message("m1", &result("poison")),
         message("m2", &result("t1")),
     ];
-    assert!(collect(&recorder, &batch).await.is_empty());
+    assert!(collect(&recorder, &batch).await.retry.is_empty());
     let poison = recorder.0.task("poison").await.unwrap().unwrap();
     assert_eq!(poison.status, TaskStatus::Failed);
     assert!(poison.last_error.unwrap().contains("could not be recorded"));
@@ -263,4 +271,27 @@ async fn a_result_refused_for_good_fails_only_its_own_task() {
     );
     let run = recorder.0.run("r1").await.unwrap().unwrap();
     assert_eq!((run.done, run.failed), (1, 1));
+}
+
+#[tokio::test]
+async fn a_workers_usage_is_added_to_its_run_and_the_runs_of_a_batch_are_named() {
+    let store = store_with_queued(&["t1"]).await;
+    let usage = nightshift_core::Usage {
+        sqs_requests: 40,
+        s3_reads: 2,
+        ..nightshift_core::Usage::default()
+    };
+    let report = Envelope::Usage(nightshift_core::UsageReport {
+        run_id: "r1".into(),
+        instance_id: "i-1".into(),
+        usage: usage.clone(),
+    });
+    let collected = collect(
+        &store,
+        &[message("u", &report), message("m", &result("t1"))],
+    )
+    .await;
+    assert!(collected.retry.is_empty());
+    assert_eq!(collected.runs, ["r1"]);
+    assert_eq!(store.run("r1").await.unwrap().unwrap().usage, usage);
 }

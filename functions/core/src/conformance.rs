@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::limits::RESULT_TOO_LARGE;
 use crate::message::{AttemptEvent, TaskOutcome, TaskResult};
 use crate::model::{
-    AttemptRecord, Blob, Idempotency, InstanceSeen, Launched, NewTask, SpotPrice, TaskStatus,
+    AttemptRecord, Blob, Idempotency, InstanceSeen, Launched, NewTask, SpotPrice, TaskStatus, Usage,
 };
 use crate::ports::{
     AttemptKind, InsertOutcome, PendingTasks, RecordOutcome, ResultRecorder, RunStore, TaskReader,
@@ -749,6 +749,25 @@ impl Suite<'_> {
             "older runs follow"
         );
         assert!(next.items.iter().all(|r| r.id != run));
+
+        let usage = Usage {
+            sqs_requests: 3,
+            dynamodb_write_units: 2.5,
+            lambda_gb_seconds: 0.125,
+            ..Usage::default()
+        };
+        self.store.add_usage(&run, &usage).await.unwrap();
+        self.store.add_usage(&run, &usage).await.unwrap();
+        assert_eq!(
+            self.store.run(&run).await.unwrap().unwrap().usage,
+            Usage {
+                sqs_requests: 6,
+                dynamodb_write_units: 5.0,
+                lambda_gb_seconds: 0.25,
+                ..Usage::default()
+            },
+            "usage adds up"
+        );
         self.store.close_run(&run, Utc::now()).await.unwrap();
     }
 }

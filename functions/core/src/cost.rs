@@ -1,11 +1,12 @@
 //! What a run cost: each instance's recorded seconds at the spot price the
 //! dispatcher read when it launched, beside what the same seconds cost on
-//! demand, from the one price table below.
+//! demand, and the requests its components counted, from the one price
+//! table below.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::model::{Launched, Run};
+use crate::model::{Launched, Run, Usage};
 
 /// Published prices, in one place, with the day they were read.
 #[derive(Debug, Clone, Copy)]
@@ -15,10 +16,21 @@ pub struct PriceTable {
     pub as_of: &'static str,
     /// On-demand Linux prices, USD per hour, by instance type.
     pub on_demand_per_hour: &'static [(&'static str, f64)],
+    /// SQS standard queue, per million requests.
+    pub sqs_per_million: f64,
+    /// DynamoDB on demand, per million write and read request units.
+    pub dynamodb_write_units_per_million: f64,
+    pub dynamodb_read_units_per_million: f64,
+    /// S3 Standard, per thousand PUT/COPY/POST/LIST and GET requests.
+    pub s3_writes_per_thousand: f64,
+    pub s3_reads_per_thousand: f64,
+    /// Lambda on arm64, per million requests and per GB-second.
+    pub lambda_per_million: f64,
+    pub lambda_per_gb_second: f64,
 }
 
-/// Amazon EC2 On-Demand pricing (aws.amazon.com/ec2/pricing/on-demand),
-/// Linux, US East (N. Virginia).
+/// The public price pages (aws.amazon.com/ec2/pricing/on-demand, /sqs,
+/// /dynamodb, /s3, /lambda), Linux, US East (N. Virginia), past free tiers.
 pub const PRICES: PriceTable = PriceTable {
     region: "us-east-1",
     as_of: "2025-06-01",
@@ -33,6 +45,13 @@ pub const PRICES: PriceTable = PriceTable {
         ("m7g.large", 0.0816),
         ("m7g.xlarge", 0.1632),
     ],
+    sqs_per_million: 0.40,
+    dynamodb_write_units_per_million: 0.625,
+    dynamodb_read_units_per_million: 0.125,
+    s3_writes_per_thousand: 0.005,
+    s3_reads_per_thousand: 0.0004,
+    lambda_per_million: 0.20,
+    lambda_per_gb_second: 0.000_013_333_4,
 };
 
 /// EC2 bills Linux instances per second, with a minimum of one minute.
@@ -118,13 +137,15 @@ pub fn run_cost(run: &Run, tasks: u64, now: DateTime<Utc>, prices: &PriceTable) 
             usd: of_kind.iter().filter_map(|i| i.usd).sum(),
         });
     }
+    lines.extend(request_lines(&run.usage, prices));
     let total_usd: f64 = lines.iter().map(|l| l.usd).sum();
     let on_demand_usd = instances.iter().filter_map(|i| i.on_demand_usd).sum();
     let unpriced = instances.iter().filter(|i| i.usd.is_none()).count();
     let mut note = format!(
         "instance-seconds from launch to the end EC2 recorded (one-minute minimum), at the spot \
-         price read at launch for the instance's type and zone; on-demand prices are {}'s list \
-         prices as of {}",
+         price read at launch for the instance's type and zone; requests as the dispatcher, the \
+         collector and the workers counted them (not the API's, which come by day, nor the \
+         event source's polls); on-demand and request prices are {}'s list prices as of {}",
         prices.region, prices.as_of
     );
     if unpriced > 0 {
@@ -146,6 +167,63 @@ pub fn run_cost(run: &Run, tasks: u64, now: DateTime<Utc>, prices: &PriceTable) 
         per_thousand_tasks_usd: (tasks > 0).then(|| total_usd * 1000.0 / tasks as f64),
         note,
     }
+}
+
+/// The requests the run's components counted, at published prices.
+fn request_lines(usage: &Usage, prices: &PriceTable) -> Vec<CostLine> {
+    let line = |item: &str, quantity: f64, unit: &'static str, per_unit: f64| CostLine {
+        item: item.to_owned(),
+        quantity,
+        unit,
+        usd: quantity * per_unit,
+    };
+    [
+        line(
+            "SQS",
+            usage.sqs_requests as f64,
+            "request",
+            prices.sqs_per_million / 1e6,
+        ),
+        line(
+            "DynamoDB writes",
+            usage.dynamodb_write_units,
+            "write unit",
+            prices.dynamodb_write_units_per_million / 1e6,
+        ),
+        line(
+            "DynamoDB reads",
+            usage.dynamodb_read_units,
+            "read unit",
+            prices.dynamodb_read_units_per_million / 1e6,
+        ),
+        line(
+            "S3 writes and lists",
+            usage.s3_writes as f64,
+            "request",
+            prices.s3_writes_per_thousand / 1e3,
+        ),
+        line(
+            "S3 reads",
+            usage.s3_reads as f64,
+            "request",
+            prices.s3_reads_per_thousand / 1e3,
+        ),
+        line(
+            "Lambda invocations",
+            usage.lambda_invocations as f64,
+            "request",
+            prices.lambda_per_million / 1e6,
+        ),
+        line(
+            "Lambda compute",
+            usage.lambda_gb_seconds,
+            "GB-second",
+            prices.lambda_per_gb_second,
+        ),
+    ]
+    .into_iter()
+    .filter(|line| line.quantity > 0.0)
+    .collect()
 }
 
 fn instance_cost(
@@ -232,6 +310,7 @@ mod tests {
                     read_at: at(0),
                 },
             ],
+            usage: Usage::default(),
         }
     }
 
@@ -274,6 +353,45 @@ mod tests {
                 .collect::<Vec<_>>(),
             [("spot instances", 5400.0), ("on-demand instances", 7200.0)]
         );
+    }
+
+    #[test]
+    fn requests_are_priced_by_what_each_service_bills() {
+        let mut run = run(Vec::new());
+        run.usage = Usage {
+            sqs_requests: 2_000_000,
+            dynamodb_write_units: 1_000_000.0,
+            dynamodb_read_units: 2_000_000.0,
+            s3_writes: 1000,
+            s3_reads: 10_000,
+            lambda_invocations: 1_000_000,
+            lambda_gb_seconds: 10_000.0,
+            free_requests: 50,
+        };
+        let cost = run_cost(&run, 1000, at(0), &PRICES);
+        let usd: Vec<(&str, f64)> = cost
+            .lines
+            .iter()
+            .map(|l| (l.item.as_str(), l.usd))
+            .collect();
+        let expected = [
+            ("SQS", 0.80),
+            ("DynamoDB writes", 0.625),
+            ("DynamoDB reads", 0.25),
+            ("S3 writes and lists", 0.005),
+            ("S3 reads", 0.004),
+            ("Lambda invocations", 0.20),
+            ("Lambda compute", 0.133_334),
+        ];
+        assert_eq!(usd.len(), expected.len());
+        for ((item, got), (name, want)) in usd.iter().zip(expected) {
+            assert_eq!(*item, name);
+            assert!(close(*got, want), "{item}: {got} != {want}");
+        }
+        assert!(close(
+            cost.total_usd,
+            expected.iter().map(|(_, usd)| usd).sum()
+        ));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::limits::{ITEM_LIMIT, RESULT_TOO_LARGE, SQS_BATCH_ENTRIES, SQS_MESSAGE
 use crate::message::{AttemptEvent, TaskOutcome, TaskResult};
 use crate::model::{
     AttemptRecord, InstanceSeen, Launched, NewTask, PendingTask, Run, RunState, SpotPrice, Task,
-    TaskStatus, timestamp,
+    TaskStatus, Usage, timestamp,
 };
 use crate::ports::{
     AttemptKind, BlobStore, Cursor, Fleet, InsertOutcome, Outgoing, Page, PendingTasks, Queue,
@@ -483,6 +483,13 @@ impl ResultRecorder for MemoryStore {
         Ok(counted.map_or_else(|outcome| outcome, |()| RecordOutcome::Recorded))
     }
 
+    async fn add_usage(&self, run_id: &str, usage: &Usage) -> Result<(), Error> {
+        network().await;
+        self.faults.check("add_usage")?;
+        bump(&mut lock(&self.state), run_id, |run| run.usage.add(usage));
+        Ok(())
+    }
+
     async fn fail_task(
         &self,
         task_id: &str,
@@ -576,6 +583,7 @@ impl RunStore for MemoryStore {
             fleet_requests: 0,
             waiting: false,
             spot_prices: Vec::new(),
+            usage: Usage::default(),
         };
         state.runs.insert(run.id.clone(), run.clone());
         state.current = Some(run.id.clone());
@@ -1038,6 +1046,22 @@ impl Fleet for FakeFleet {
                 read_at: now,
             })
             .collect())
+    }
+}
+
+/// A source of usage that hands out what it was given.
+#[derive(Debug, Default)]
+pub struct GivenUsage(Mutex<Usage>);
+
+impl GivenUsage {
+    pub fn give(&self, usage: &Usage) {
+        lock(&self.0).add(usage);
+    }
+}
+
+impl crate::ports::UsageSource for GivenUsage {
+    fn take(&self) -> Usage {
+        std::mem::take(&mut *lock(&self.0))
     }
 }
 

@@ -23,8 +23,8 @@ pub mod conformance;
 pub mod fakes;
 
 pub use error::Error;
-pub use message::{AttemptEvent, Envelope, TaskMessage, TaskOutcome, TaskResult};
+pub use message::{AttemptEvent, Envelope, TaskMessage, TaskOutcome, TaskResult, UsageReport};
 pub use model::{
     AttemptKind, AttemptRecord, Blob, InstanceSeen, Launched, NewTask, PendingTask, Progress, Run,
-    RunState, SpotPrice, Task, TaskStatus,
+    RunState, SpotPrice, Task, TaskStatus, Usage,
 };

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Blob;
+use crate::model::{Blob, Usage};
 
 /// Written with its `type` tag beside the fields of its variant. Read in
 /// two steps (the tag, then the variant) rather than by serde's tagged
@@ -25,6 +25,16 @@ pub enum Envelope {
     /// A worker handed the task back (spot interruption or shutdown) with a
     /// continuation message.
     Interrupted(AttemptEvent),
+    /// What a worker's AWS requests used for a run, sent as it stops.
+    Usage(UsageReport),
+}
+
+/// A component's usage of AWS for a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub run_id: String,
+    pub instance_id: String,
+    pub usage: Usage,
 }
 
 impl Envelope {
@@ -44,18 +54,31 @@ impl Envelope {
             "result" => serde_json::from_str(body).map(Self::Result),
             "attempt_failed" => serde_json::from_str(body).map(Self::AttemptFailed),
             "interrupted" => serde_json::from_str(body).map(Self::Interrupted),
+            "usage" => serde_json::from_str(body).map(Self::Usage),
             other => Err(serde::de::Error::unknown_variant(
                 other,
-                &["task", "result", "attempt_failed", "interrupted"],
+                &["task", "result", "attempt_failed", "interrupted", "usage"],
             )),
         }
     }
 
-    pub fn task_id(&self) -> &str {
+    /// The task it is about; a usage report is about none.
+    pub fn task_id(&self) -> Option<&str> {
         match self {
-            Self::Task(task) => &task.task_id,
-            Self::Result(result) => &result.task_id,
-            Self::AttemptFailed(event) | Self::Interrupted(event) => &event.task_id,
+            Self::Task(task) => Some(&task.task_id),
+            Self::Result(result) => Some(&result.task_id),
+            Self::AttemptFailed(event) | Self::Interrupted(event) => Some(&event.task_id),
+            Self::Usage(_) => None,
+        }
+    }
+
+    /// The run it belongs to.
+    pub fn run_id(&self) -> &str {
+        match self {
+            Self::Task(task) => &task.run_id,
+            Self::Result(result) => &result.run_id,
+            Self::AttemptFailed(event) | Self::Interrupted(event) => &event.run_id,
+            Self::Usage(report) => &report.run_id,
         }
     }
 }

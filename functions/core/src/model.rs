@@ -260,6 +260,81 @@ pub struct Run {
     /// The spot prices the dispatcher read when it launched, for the
     /// types it launched, in every zone; what the run's instances cost.
     pub spot_prices: Vec<SpotPrice>,
+    /// The AWS requests made for the run, as its components counted them.
+    pub usage: Usage,
+}
+
+/// What AWS bills a run's requests by: counted inside the SDK by each
+/// component (see `aws::meter`) and added to the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    pub sqs_requests: u64,
+    pub dynamodb_write_units: f64,
+    pub dynamodb_read_units: f64,
+    /// S3 PUT, COPY, POST and LIST requests.
+    pub s3_writes: u64,
+    /// S3 GET and other requests.
+    pub s3_reads: u64,
+    pub lambda_invocations: u64,
+    pub lambda_gb_seconds: f64,
+    /// Requests billed nothing (EC2's, S3 deletes).
+    pub free_requests: u64,
+}
+
+impl Usage {
+    /// Its fields by their stored names.
+    pub fn fields(&self) -> [(&'static str, f64); 8] {
+        [
+            ("sqs_requests", self.sqs_requests as f64),
+            ("dynamodb_write_units", self.dynamodb_write_units),
+            ("dynamodb_read_units", self.dynamodb_read_units),
+            ("s3_writes", self.s3_writes as f64),
+            ("s3_reads", self.s3_reads as f64),
+            ("lambda_invocations", self.lambda_invocations as f64),
+            ("lambda_gb_seconds", self.lambda_gb_seconds),
+            ("free_requests", self.free_requests as f64),
+        ]
+    }
+
+    /// The usage from stored fields; a missing one is 0.
+    pub fn from_fields(field: impl Fn(&str) -> Option<f64>) -> Self {
+        let count = |name: &str| field(name).unwrap_or(0.0).max(0.0).round() as u64;
+        let amount = |name: &str| field(name).unwrap_or(0.0).max(0.0);
+        Self {
+            sqs_requests: count("sqs_requests"),
+            dynamodb_write_units: amount("dynamodb_write_units"),
+            dynamodb_read_units: amount("dynamodb_read_units"),
+            s3_writes: count("s3_writes"),
+            s3_reads: count("s3_reads"),
+            lambda_invocations: count("lambda_invocations"),
+            lambda_gb_seconds: amount("lambda_gb_seconds"),
+            free_requests: count("free_requests"),
+        }
+    }
+
+    /// One Lambda invocation of `elapsed` with `memory_mb` of memory.
+    pub fn invocation(elapsed: std::time::Duration, memory_mb: u32) -> Self {
+        Self {
+            lambda_invocations: 1,
+            lambda_gb_seconds: elapsed.as_secs_f64() * f64::from(memory_mb) / 1024.0,
+            ..Self::default()
+        }
+    }
+
+    pub fn add(&mut self, other: &Usage) {
+        self.sqs_requests += other.sqs_requests;
+        self.dynamodb_write_units += other.dynamodb_write_units;
+        self.dynamodb_read_units += other.dynamodb_read_units;
+        self.s3_writes += other.s3_writes;
+        self.s3_reads += other.s3_reads;
+        self.lambda_invocations += other.lambda_invocations;
+        self.lambda_gb_seconds += other.lambda_gb_seconds;
+        self.free_requests += other.free_requests;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields().iter().all(|(_, value)| *value == 0.0)
+    }
 }
 
 /// An instance a fleet request launched, as recorded on its run.
@@ -405,6 +480,7 @@ mod tests {
             fleet_requests: 1,
             waiting: false,
             spot_prices: Vec::new(),
+            usage: Usage::default(),
         };
         let progress = run.progress(minutes(10));
         assert_eq!((progress.ended, progress.remaining), (100, 200));

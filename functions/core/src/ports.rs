@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use crate::Error;
 use crate::message::{AttemptEvent, TaskResult};
 pub use crate::model::AttemptKind;
-use crate::model::{InstanceSeen, Launched, NewTask, PendingTask, Run, SpotPrice, Task};
+use crate::model::{InstanceSeen, Launched, NewTask, PendingTask, Run, SpotPrice, Task, Usage};
 
 /// Writes new tasks (ingest) in two steps, so that a request is written
 /// whole or not at all: [`TaskWriter::stage`] writes them STAGED (invisible
@@ -116,6 +116,9 @@ pub trait ResultRecorder: Send + Sync {
         event: &AttemptEvent,
         kind: AttemptKind,
     ) -> Result<RecordOutcome, Error>;
+    /// Adds what a component's AWS requests used for a run to the run's
+    /// usage (a counter: what was used, however often, is added).
+    async fn add_usage(&self, run_id: &str, usage: &Usage) -> Result<(), Error>;
     /// QUEUED → FAILED: with `reason`, or, for a task whose deliveries ran
     /// out (`None`), keeping the last error an attempt reported.
     async fn fail_task(
@@ -150,6 +153,24 @@ impl From<crate::rules::Refusal> for RecordOutcome {
             Refusal::NotYet | Refusal::Raced => Self::NotYetQueued,
             Refusal::NotApplicable => Self::Unknown,
         }
+    }
+}
+
+/// What a component's AWS requests have used since it last asked.
+pub trait UsageSource: Send + Sync {
+    fn take(&self) -> Usage;
+}
+
+/// Adds what an invocation cost (its requests, and itself) to the run it
+/// worked for; work for no run costs the night nothing. The usage is a
+/// counter, so a failure is logged and the night's cost comes out short,
+/// never the work.
+pub async fn charge(recorder: &dyn ResultRecorder, run_id: Option<&str>, used: &Usage) {
+    let Some(run_id) = run_id else {
+        return;
+    };
+    if let Err(error) = recorder.add_usage(run_id, used).await {
+        tracing::warn!(run_id, error = %error.chain(), "could not add the usage to its run");
     }
 }
 

@@ -85,6 +85,8 @@ pub struct Config {
     /// Subnets the fleet may launch in (none: the default VPC's).
     pub subnet_ids: Vec<String>,
     pub settings: Settings,
+    /// The function's memory, as Lambda gives it (0: not on Lambda).
+    pub memory_mb: u32,
 }
 
 impl Config {
@@ -98,6 +100,7 @@ impl Config {
             launch_template_id: config::required(env, "NIGHTSHIFT_LAUNCH_TEMPLATE_ID")?,
             instance_types: config::required_list(env, "NIGHTSHIFT_INSTANCE_TYPES")?,
             subnet_ids: config::list(env, "NIGHTSHIFT_SUBNET_IDS"),
+            memory_mb: config::parsed_or(env, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 0)?,
             settings: Settings {
                 max_instances: config::parsed_or(env, "NIGHTSHIFT_MAX_INSTANCES", 20)?,
                 slots_per_instance: config::parsed_or(env, "NIGHTSHIFT_SLOTS_PER_INSTANCE", 2)?,

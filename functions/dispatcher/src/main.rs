@@ -2,11 +2,14 @@
 //! waking it for a new run) starts one reconciling pass.
 
 use lambda_runtime::{LambdaEvent, service_fn};
+use nightshift_core::Usage;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::ec2::SpotFleet;
+use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
 use nightshift_core::config::ProcessEnv;
+use nightshift_core::ports::{UsageSource, charge};
 use nightshift_dispatcher::{Config, Dispatcher, Pass};
 use serde_json::Value;
 
@@ -15,22 +18,27 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let config = Config::from_env(&ProcessEnv)?;
     let aws = aws_config::load_from_env().await;
+    let meter = Meter::default();
     let store = DynamoStore::new(
-        nightshift_core::aws::dynamodb::Client::new(&aws),
+        nightshift_core::aws::dynamodb::metered_client(&aws, &meter),
         config.table,
         config.settings.pending_shards,
     );
     let queue = SqsQueue::new(
-        nightshift_core::aws::sqs::Client::new(&aws),
+        nightshift_core::aws::sqs::metered_client(&aws, &meter),
         config.task_queue_url,
     );
     let fleet = SpotFleet::new(
-        nightshift_core::aws::ec2::Client::new(&aws),
+        nightshift_core::aws::ec2::metered_client(&aws, &meter),
         config.launch_template_id,
         config.instance_types,
         config.subnet_ids,
     );
-    let blobs = S3Blobs::new(nightshift_core::aws::s3::Client::new(&aws), config.bucket);
+    let blobs = S3Blobs::new(
+        nightshift_core::aws::s3::metered_client(&aws, &meter),
+        config.bucket,
+    );
+    let memory_mb = config.memory_mb;
     let dispatcher = Dispatcher {
         runs: &store,
         pending: &store,
@@ -40,8 +48,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         blobs: &blobs,
         settings: &config.settings,
     };
-    let dispatcher = &dispatcher;
+    let (dispatcher, store, meter) = (&dispatcher, &store, &meter);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        let started = std::time::Instant::now();
         let owner = event.context.request_id.clone();
         let now = chrono::Utc::now();
         // The night's schedule opens a run; every other event reconciles.
@@ -51,6 +60,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             dispatcher.pass(now, &owner).await?
         };
         tracing::info!(?pass, "dispatch pass");
+        let mut used = meter.take();
+        used.add(&Usage::invocation(started.elapsed(), memory_mb));
+        charge(store, pass.run_id.as_deref(), &used).await;
         Ok::<Pass, lambda_runtime::Error>(pass)
     }))
     .await

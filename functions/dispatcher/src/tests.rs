@@ -93,7 +93,13 @@ impl World {
         self.queue
             .sent()
             .iter()
-            .map(|body| Envelope::from_json(body).unwrap().task_id().to_owned())
+            .map(|body| {
+                Envelope::from_json(body)
+                    .unwrap()
+                    .task_id()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect()
     }
 

@@ -26,8 +26,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nightshift_core::limits::ClaimCheck;
-use nightshift_core::ports::{BlobStore, Outgoing, Queue, Received, RunReader};
-use nightshift_core::{Envelope, TaskMessage};
+use nightshift_core::ports::{BlobStore, Outgoing, Queue, Received, RunReader, UsageSource};
+use nightshift_core::{Envelope, TaskMessage, UsageReport};
 use nightshift_kernels::{Control, Registry};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -71,6 +71,8 @@ pub struct Ports {
     pub blobs: Arc<dyn BlobStore>,
     pub runs: Arc<dyn RunReader>,
     pub metadata: Arc<dyn InstanceMetadata>,
+    /// What the worker's AWS requests used, reported to its run as it stops.
+    pub usage: Arc<dyn UsageSource>,
 }
 
 /// Why the worker stopped.
@@ -188,7 +190,7 @@ impl Worker {
             "worker started"
         );
         let held = Arc::new(Held::default());
-        let gate = RunGate::new(self.ports.runs.clone(), launched_for);
+        let gate = RunGate::new(self.ports.runs.clone(), launched_for.clone());
         let context = Arc::new(Context {
             send_result: queue_sender(self.ports.results.clone()),
             send_task: queue_sender(self.ports.tasks.clone()),
@@ -210,8 +212,29 @@ impl Worker {
         let exit = receive_loop(&context, &held, &gate, &mut shutdown, &mut interrupted).await;
         heartbeat.abort();
         spot_watch.abort();
+        if let Some(run_id) = launched_for {
+            report_usage(&context, run_id).await;
+        }
         tracing::info!(instance_id = %context.instance_id, ?exit, "worker stopped");
         Ok(exit)
+    }
+}
+
+/// Sends what the worker's requests used to the collector, which adds it
+/// to the run the instance was launched for. A worker that dies first
+/// leaves its run's cost short by that much.
+async fn report_usage(context: &Context, run_id: String) {
+    let usage = context.ports.usage.take();
+    if usage.is_empty() {
+        return;
+    }
+    let report = Envelope::Usage(UsageReport {
+        run_id,
+        instance_id: context.instance_id.clone(),
+        usage,
+    });
+    if !context.send_result.submit(report.to_json()).await {
+        tracing::warn!("could not report the worker's usage");
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nightshift_core::aws::dynamodb::DynamoStore;
+use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
 use nightshift_core::config::{self, ProcessEnv};
@@ -84,7 +85,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
         )?),
     };
     let aws = aws_config::load_from_env().await;
-    let sqs = nightshift_core::aws::sqs::Client::new(&aws);
+    let meter = Meter::default();
+    let sqs = nightshift_core::aws::sqs::metered_client(&aws, &meter);
     let ports = Ports {
         tasks: Arc::new(SqsQueue::new(
             sqs.clone(),
@@ -95,15 +97,16 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
             config::required(&ProcessEnv, "NIGHTSHIFT_RESULT_QUEUE_URL")?,
         )),
         blobs: Arc::new(S3Blobs::new(
-            nightshift_core::aws::s3::Client::new(&aws),
+            nightshift_core::aws::s3::metered_client(&aws, &meter),
             config::required(&ProcessEnv, "NIGHTSHIFT_BUCKET")?,
         )),
         runs: Arc::new(DynamoStore::new(
-            nightshift_core::aws::dynamodb::Client::new(&aws),
+            nightshift_core::aws::dynamodb::metered_client(&aws, &meter),
             config::required(&ProcessEnv, "NIGHTSHIFT_TABLE")?,
             1,
         )),
         metadata: Arc::new(Imds::new()),
+        usage: Arc::new(meter),
     };
 
     let (stop, stopped) = watch::channel(false);

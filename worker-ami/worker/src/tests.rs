@@ -54,6 +54,7 @@ struct Rig {
     blobs: Arc<MemoryBlobs>,
     runs: Arc<MemoryStore>,
     metadata: Arc<FakeMetadata>,
+    usage: Arc<nightshift_core::fakes::GivenUsage>,
     settings: Settings,
 }
 
@@ -65,6 +66,7 @@ impl Rig {
             blobs: Arc::default(),
             runs: Arc::default(),
             metadata: Arc::default(),
+            usage: Arc::default(),
             settings: Settings {
                 slots: 2,
                 idle: Duration::from_millis(200),
@@ -102,17 +104,20 @@ impl Rig {
             blobs: self.blobs.clone(),
             runs: self.runs.clone(),
             metadata: self.metadata.clone(),
+            usage: self.usage.clone(),
         };
         let mut registry = Registry::builtin();
         registry.insert("stubborn", Stubborn);
         Worker::new(ports, registry, self.settings.clone())
     }
 
+    /// What the worker reported of its tasks.
     fn reported(&self) -> Vec<Envelope> {
         self.results
             .sent()
             .iter()
             .map(|b| Envelope::from_json(b).unwrap())
+            .filter(|envelope| !matches!(envelope, Envelope::Usage(_)))
             .collect()
     }
 
@@ -446,4 +451,33 @@ async fn heartbeats_never_ask_past_the_longest_hiding_and_near_it_the_task_is_ha
         changes.last().is_some_and(|(_, asked)| *asked < visibility),
         "the last ones are cut short"
     );
+}
+
+#[tokio::test]
+async fn a_stopping_worker_reports_its_usage_to_the_run_it_was_launched_for() {
+    let rig = Rig::new();
+    rig.add("t1", json!({"seconds": 0}));
+    let used = nightshift_core::Usage {
+        sqs_requests: 7,
+        s3_reads: 1,
+        ..nightshift_core::Usage::default()
+    };
+    rig.usage.give(&used);
+    let exit = rig.worker().run(never()).await.unwrap();
+    assert_eq!(exit, Exit::Idle);
+    let reports: Vec<nightshift_core::UsageReport> = rig
+        .results
+        .sent()
+        .iter()
+        .filter_map(|b| match Envelope::from_json(b).unwrap() {
+            Envelope::Usage(report) => Some(report),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports.len(), 1, "one report, as it stops");
+    assert_eq!(
+        (reports[0].run_id.as_str(), reports[0].instance_id.as_str()),
+        ("r1", "i-test")
+    );
+    assert_eq!(reports[0].usage, used);
 }

@@ -5,6 +5,15 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 pub use aws_sdk_ec2::Client;
+
+/// A client whose every call `meter` counts.
+pub fn metered_client(config: &aws_types::SdkConfig, meter: &crate::aws::meter::Meter) -> Client {
+    Client::from_conf(
+        aws_sdk_ec2::config::Builder::from(config)
+            .interceptor(meter.clone())
+            .build(),
+    )
+}
 use aws_sdk_ec2::types::{
     DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfigRequest,
     FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest, FleetType,

@@ -6,6 +6,7 @@
 pub mod dynamodb;
 #[cfg(feature = "ec2")]
 pub mod ec2;
+pub mod meter;
 #[cfg(feature = "s3")]
 pub mod s3;
 #[cfg(feature = "sqs")]

@@ -2,6 +2,15 @@
 
 use async_trait::async_trait;
 pub use aws_sdk_s3::Client;
+
+/// A client whose every call `meter` counts.
+pub fn metered_client(config: &aws_types::SdkConfig, meter: &crate::aws::meter::Meter) -> Client {
+    Client::from_conf(
+        aws_sdk_s3::config::Builder::from(config)
+            .interceptor(meter.clone())
+            .build(),
+    )
+}
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 

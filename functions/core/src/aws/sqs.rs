@@ -4,6 +4,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 pub use aws_sdk_sqs::Client;
+
+/// A client whose every call `meter` counts.
+pub fn metered_client(config: &aws_types::SdkConfig, meter: &crate::aws::meter::Meter) -> Client {
+    Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(config)
+            .interceptor(meter.clone())
+            .build(),
+    )
+}
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,

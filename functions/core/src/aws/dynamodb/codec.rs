@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 
 use crate::Error;
 use crate::model::{
-    AttemptKind, AttemptRecord, Blob, Launched, Run, RunState, SpotPrice, Task, TaskStatus,
+    AttemptKind, AttemptRecord, Blob, Launched, Run, RunState, SpotPrice, Task, TaskStatus, Usage,
 };
 use crate::rules::{TaskChange, TaskFacts};
 
@@ -70,6 +70,8 @@ pub(super) const SPOT_PRICES: &str = "spot_prices";
 pub(super) const INSTANCE_TASKS: &str = "instance_tasks";
 /// A map: instance id → the milliseconds its kernels took on those tasks.
 pub(super) const INSTANCE_BUSY_MS: &str = "instance_busy_ms";
+/// A map: the run's [`Usage`](crate::model::Usage), field by field.
+pub(super) const USAGE: &str = "usage";
 /// Every run item has it, with the one value [`RUN_LIST_VALUE`]: the
 /// partition of the `runs` index, which lists runs by `started_at`.
 pub(super) const RUN_LIST: &str = "run_list";
@@ -426,6 +428,18 @@ pub(super) fn run_from_item(item: &Item) -> Result<Run, Error> {
             .copied()
             .unwrap_or(false),
         spot_prices: spot_prices_from_item(item)?,
+        usage: item
+            .get(USAGE)
+            .and_then(|v| v.as_m().ok())
+            .map(|fields| {
+                Usage::from_fields(|name| {
+                    fields
+                        .get(name)
+                        .and_then(|v| v.as_n().ok())
+                        .and_then(|n| n.parse().ok())
+                })
+            })
+            .unwrap_or_default(),
     })
 }
 

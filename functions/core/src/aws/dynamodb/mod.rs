@@ -22,6 +22,15 @@ mod runs;
 mod tasks;
 
 pub use aws_sdk_dynamodb::Client;
+
+/// A client whose every call `meter` counts.
+pub fn metered_client(config: &aws_types::SdkConfig, meter: &crate::aws::meter::Meter) -> Client {
+    Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(config)
+            .interceptor(meter.clone())
+            .build(),
+    )
+}
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, TransactWriteItem, Update, WriteRequest};

@@ -12,9 +12,10 @@ use super::{
     CONDITION_FAILED, DynamoStore, Ended, Transaction, VALIDATION_ERROR, transaction_groups,
 };
 use crate::Error;
+use crate::aws::build_error;
 use crate::limits::{ERROR_LIMIT, RESULT_TOO_LARGE, SUMMARY_LIMIT, bounded};
 use crate::message::{AttemptEvent, TaskOutcome, TaskResult};
-use crate::model::{AttemptRecord, TaskStatus};
+use crate::model::{AttemptRecord, TaskStatus, Usage};
 use crate::ports::{AttemptKind, RecordOutcome, ResultRecorder};
 use crate::rules::TaskChange;
 
@@ -354,6 +355,39 @@ impl ResultRecorder for DynamoStore {
             self.settle_refused(&event.task_id, &change, Some(&event.event_id))
                 .await
         }
+    }
+
+    async fn add_usage(&self, run_id: &str, usage: &Usage) -> Result<(), Error> {
+        let fields: Vec<(&str, f64)> = usage
+            .fields()
+            .into_iter()
+            .filter(|(_, value)| *value != 0.0)
+            .collect();
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let adds: Vec<String> = fields
+            .iter()
+            .map(|(name, _)| format!("#usage.#{name} :{name}"))
+            .collect();
+        let mut update = aws_sdk_dynamodb::types::Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(run_key(run_id)))
+            .update_expression(format!("ADD {}", adds.join(", ")))
+            .condition_expression("attribute_exists(#usage)")
+            .expression_attribute_names("#usage", USAGE);
+        for (name, value) in fields {
+            update = update
+                .expression_attribute_names(format!("#{name}"), name)
+                .expression_attribute_values(
+                    format!(":{name}"),
+                    AttributeValue::N(value.to_string()),
+                );
+        }
+        let update = update.build().map_err(|e| build_error("Update", e))?;
+        // Refused only for a run that is not there: nothing to count on.
+        self.conditional_update(update).await?;
+        Ok(())
     }
 
     async fn fail_task(

@@ -85,6 +85,7 @@ impl RunStore for DynamoStore {
             (INSTANCES.to_owned(), AttributeValue::M(HashMap::new())),
             (SPOT_PRICES.to_owned(), AttributeValue::M(HashMap::new())),
             (INSTANCE_TASKS.to_owned(), AttributeValue::M(HashMap::new())),
+            (USAGE.to_owned(), AttributeValue::M(HashMap::new())),
             (
                 INSTANCE_BUSY_MS.to_owned(),
                 AttributeValue::M(HashMap::new()),

@@ -191,3 +191,52 @@ fn transactions_are_split_by_count_and_by_bytes() {
             .all(|g| g.len() * 300_000 <= TRANSACTION_BYTES)
     );
 }
+
+#[tokio::test]
+async fn the_meter_asks_for_the_capacity_of_each_request_and_adds_it_up() {
+    use aws_sdk_dynamodb::operation::put_item::PutItemOutput;
+    use aws_sdk_dynamodb::types::{ConsumedCapacity, ReturnConsumedCapacity};
+    let put = mock!(Client::put_item)
+        .match_requests(|request| {
+            request.return_consumed_capacity() == Some(&ReturnConsumedCapacity::Total)
+        })
+        .then_output(|| {
+            PutItemOutput::builder()
+                .consumed_capacity(ConsumedCapacity::builder().capacity_units(3.0).build())
+                .build()
+        });
+    let get = mock!(Client::get_item).then_output(|| {
+        GetItemOutput::builder()
+            .consumed_capacity(ConsumedCapacity::builder().capacity_units(0.5).build())
+            .build()
+    });
+    let meter = crate::aws::meter::Meter::default();
+    let client = mock_client!(
+        aws_sdk_dynamodb,
+        RuleMode::MatchAny,
+        [&put, &get],
+        |config| { config.interceptor(meter.clone()) }
+    );
+    client
+        .put_item()
+        .table_name("t")
+        .item("pk", aws_sdk_dynamodb::types::AttributeValue::S("a".into()))
+        .send()
+        .await
+        .unwrap();
+    client
+        .get_item()
+        .table_name("t")
+        .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("a".into()))
+        .send()
+        .await
+        .unwrap();
+    use crate::ports::UsageSource;
+    let used = meter.take();
+    assert_eq!(put.num_calls(), 1, "the put asked for its capacity");
+    assert_eq!(
+        (used.dynamodb_write_units, used.dynamodb_read_units),
+        (3.0, 0.5)
+    );
+    assert!(meter.take().is_empty(), "a take starts the count again");
+}
