@@ -129,25 +129,135 @@ async fn follow(api: &Api, run_id: &str, expected: u64, timeout: Duration) -> Re
     }
 }
 
-pub async fn start_run(api: &Api) -> Result<(), CliError> {
+pub async fn start_run(api: &Api, json_output: bool) -> Result<(), CliError> {
     let (status, answer) = api.call(reqwest::Method::POST, "/runs", None).await?;
+    if json_output {
+        println!("{answer}");
+        return Ok(());
+    }
     let verb = if status == 201 {
         "started"
     } else {
         "already open"
     };
     println!(
-        "run {} {verb}",
-        answer["run"]["id"].as_str().unwrap_or_default()
+        "run {} {verb}, due {}",
+        answer["run"]["id"].as_str().unwrap_or_default(),
+        answer["run"]["deadline"].as_str().unwrap_or("-")
     );
     Ok(())
 }
 
-pub async fn show_run(api: &Api, run_id: &str) -> Result<(), CliError> {
+pub async fn show_run(api: &Api, run_id: &str, json_output: bool) -> Result<(), CliError> {
     let (_, run) = api
         .call(reqwest::Method::GET, &format!("/runs/{run_id}"), None)
         .await?;
-    println!("{}", serde_json::to_string_pretty(&run).unwrap_or_default());
+    if json_output {
+        println!("{run}");
+    } else {
+        println!("{}", crate::watch::describe(&run, chrono::Utc::now()));
+    }
+    Ok(())
+}
+
+/// The newest runs, up to `limit`, page after page.
+pub async fn list_runs(api: &Api, limit: usize, json_output: bool) -> Result<(), CliError> {
+    let mut runs: Vec<Value> = Vec::new();
+    let mut cursor: Option<String> = None;
+    while runs.len() < limit {
+        let page_size = (limit - runs.len()).min(100);
+        let path = match &cursor {
+            Some(cursor) => format!("/runs?limit={page_size}&cursor={cursor}"),
+            None => format!("/runs?limit={page_size}"),
+        };
+        let (_, page) = api.call(reqwest::Method::GET, &path, None).await?;
+        runs.extend(page["runs"].as_array().into_iter().flatten().cloned());
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    if json_output {
+        for run in &runs {
+            println!("{run}");
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<36} {:<9} {:<24} {:<24} {:>6} {:>6} {:>6}",
+        "run", "state", "started", "deadline", "done", "failed", "queued"
+    );
+    for run in &runs {
+        println!(
+            "{:<36} {:<9} {:<24} {:<24} {:>6} {:>6} {:>6}",
+            run["id"].as_str().unwrap_or("?"),
+            run["state"].as_str().unwrap_or("?"),
+            run["started_at"].as_str().unwrap_or("-"),
+            run["deadline"].as_str().unwrap_or("-"),
+            run["done"],
+            run["failed"],
+            run["queued"],
+        );
+    }
+    Ok(())
+}
+
+pub async fn show_task(api: &Api, task_id: &str, json_output: bool) -> Result<(), CliError> {
+    let (_, task) = api
+        .call(reqwest::Method::GET, &format!("/tasks/{task_id}"), None)
+        .await?;
+    if json_output {
+        println!("{task}");
+        return Ok(());
+    }
+    for (name, value) in task.as_object().into_iter().flatten() {
+        let shown = match value {
+            Value::String(text) => text.clone(),
+            Value::Null => "-".to_owned(),
+            other => other.to_string(),
+        };
+        println!("{name:<16} {shown}");
+    }
+    Ok(())
+}
+
+/// A run's tasks, of one status if given, from its report.
+pub async fn list_tasks(
+    api: &Api,
+    run_id: &str,
+    status: Option<&str>,
+    json_output: bool,
+) -> Result<(), CliError> {
+    let report = crate::report::fetch(api, run_id).await?;
+    let tasks = report["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|task| status.is_none_or(|s| task["status"] == s));
+    if json_output {
+        for task in tasks {
+            println!("{task}");
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<36} {:<16} {:<9} {:<21} {:>8}  result",
+        "task", "account", "status", "instance", "attempts"
+    );
+    for task in tasks {
+        println!(
+            "{:<36} {:<16} {:<9} {:<21} {:>8}  {}",
+            task["task_id"].as_str().unwrap_or("?"),
+            task["account"].as_str().unwrap_or("?"),
+            task["status"].as_str().unwrap_or("?"),
+            task["instance_id"].as_str().unwrap_or("-"),
+            task["attempts"],
+            task["summary"]
+                .as_str()
+                .or(task["error"].as_str())
+                .unwrap_or("-"),
+        );
+    }
     Ok(())
 }
 

@@ -6,6 +6,8 @@ mod client;
 mod dashboard;
 mod local;
 mod report;
+mod submit;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,7 +35,7 @@ pub enum CliError {
     Template(#[from] local::template::TemplateError),
     #[error("configuration: {0}")]
     Config(#[from] nightshift_core::config::ConfigError),
-    #[error("the API answered {status}: {body}")]
+    #[error("the API answered {status}: {}", api_message(body))]
     Api { status: u16, body: String },
     #[error("cannot reach the API at {url}: {source}")]
     Http {
@@ -43,6 +45,23 @@ pub enum CliError {
     },
     #[error("invalid argument: {0}")]
     Usage(String),
+    #[error("{0} line(s) rejected")]
+    Rejected(usize),
+}
+
+/// The API's error body as a line: `code: message (field)`.
+fn api_message(body: &str) -> String {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
+        return body.to_owned();
+    };
+    let error = &value["error"];
+    match (error["code"].as_str(), error["message"].as_str()) {
+        (Some(code), Some(message)) => match error["field"].as_str().filter(|f| !f.is_empty()) {
+            Some(field) => format!("{code}: {message} (field {field})"),
+            None => format!("{code}: {message}"),
+        },
+        _ => body.to_owned(),
+    }
 }
 
 impl CliError {
@@ -107,23 +126,119 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Runs: start one now, or read one.
+    /// Submits tasks from JSON lines, one task a line (`-`: standard
+    /// input), in batches of up to 1,000. Each line is keyed by the file's
+    /// content and its number: running the same command again after a
+    /// failure creates nothing twice. Exits non-zero when a line was
+    /// rejected, after naming each with the API's reason.
+    ///
+    /// Example: nightshift submit accounts.jsonl
+    ///          (a line: {"account": "acct-001", "kernel": "sleep", "payload": {"seconds": 1}})
+    Submit {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Runs: start one now, watch one, read one.
     Run {
         #[command(subcommand)]
         command: RunCommand,
+    },
+    /// Every run, newest first.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+    /// One task.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+    /// The tasks of a run.
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsCommand {
+    /// The newest runs.
+    ///
+    /// Example: nightshift runs list --limit 5
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TaskCommand {
+    /// A task's status, run, attempts, worker, times and result.
+    ///
+    /// Example: nightshift task get 5f3e1a90-2c4b-4e7d-8f61-9b0a7c2d4e13 --json
+    Get {
+        task_id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TasksCommand {
+    /// A run's tasks, of one status if given.
+    ///
+    /// Example: nightshift tasks list --run 3f2c… --status FAILED
+    List {
+        #[arg(long)]
+        run: String,
+        #[arg(long, value_parser = ["PENDING", "QUEUED", "DONE", "FAILED", "CANCELLED"])]
+        status: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 
 #[derive(Debug, Subcommand)]
 enum RunCommand {
     /// Starts a run now (or shows the open one).
+    ///
+    /// Example: nightshift run start
     Start {
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// A run's state and counters.
+    /// A run's state, counters, pace and fleet.
+    ///
+    /// Example: nightshift run status 3f2c… --json
     Status {
         run_id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Follows a run (default: the newest) until it ends: counts by status,
+    /// tasks per minute, the finish expected against the deadline, the
+    /// instances. `--json` prints the run at each reading, a line each.
+    ///
+    /// Example: nightshift run watch
+    Watch {
+        run_id: Option<String>,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -360,6 +475,9 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, as other commands do, instead
+    // of a failed write.
+    sigpipe::reset();
     let cli = Cli::parse();
     let quiet = matches!(
         cli.command,
@@ -429,9 +547,14 @@ async fn execute(command: Command) -> Result<(), CliError> {
             dashboard::serve(api, listener).await
         }
         Command::Run { command } => match command {
-            RunCommand::Start { api } => client::start_run(&api.connect().await?).await,
-            RunCommand::Status { run_id, api } => {
-                client::show_run(&api.connect().await?, &run_id).await
+            RunCommand::Start { json, api } => client::start_run(&api.connect().await?, json).await,
+            RunCommand::Status { run_id, json, api } => {
+                client::show_run(&api.connect().await?, &run_id, json).await
+            }
+            RunCommand::Watch { run_id, json, api } => {
+                let api = api.connect().await?;
+                let run_id = watch::run_id_or_newest(&api, run_id).await?;
+                watch::watch(&api, &run_id, json).await
             }
             RunCommand::Report {
                 run_id,
@@ -439,6 +562,24 @@ async fn execute(command: Command) -> Result<(), CliError> {
                 api,
             } => report::print(&api.connect().await?, &run_id, format).await,
         },
+        Command::Submit { file, json, api } => {
+            submit::submit(&api.connect().await?, &file, json).await
+        }
+        Command::Runs {
+            command: RunsCommand::List { limit, json, api },
+        } => client::list_runs(&api.connect().await?, limit, json).await,
+        Command::Task {
+            command: TaskCommand::Get { task_id, json, api },
+        } => client::show_task(&api.connect().await?, &task_id, json).await,
+        Command::Tasks {
+            command:
+                TasksCommand::List {
+                    run,
+                    status,
+                    json,
+                    api,
+                },
+        } => client::list_tasks(&api.connect().await?, &run, status.as_deref(), json).await,
     }
 }
 
