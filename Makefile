@@ -84,7 +84,7 @@ unit:
 # test prints its seed and its verdict line. Each stack keeps the calls its
 # proxy authorized in $(CALLS); the IAM test reads them all, last.
 CALLS := $(BIN)/nightshift-calls
-E2E_TESTS := --test end_to_end --test conformance --test invoke --test report --test cli --test console --test dashboard --test chaos
+E2E_TESTS := --test end_to_end --test conformance --test invoke --test report --test cli --test console --test metrics --test dashboard --test chaos
 e2e: venv browser build
 	rm -rf $(CALLS)
 	cargo test -p nightshift-e2e --locked $(E2E_TESTS) -- --test-threads=1 --nocapture

@@ -189,7 +189,7 @@ async fn every_query_of_the_console_guide_answers_its_question() {
         open.iter()
             .map(|i| text(i, "current_run_id"))
             .collect::<Vec<_>>(),
-        [run_id.clone()],
+        std::slice::from_ref(&run_id),
         "the open run"
     );
 

@@ -92,7 +92,9 @@ impl Stack {
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            // What the in-process functions print (their metrics), as
+            // Lambda's log capture would take it.
+            .stdout(std::fs::File::create(dir.path().join("serve.stdout")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap());
         for (key, value) in parameters {
             command.arg("--param").arg(format!("{key}={value}"));
@@ -407,6 +409,25 @@ impl Stack {
 
     pub fn workers_dir(&self) -> PathBuf {
         self.dir.path().join("workers")
+    }
+
+    /// Every metric line (CloudWatch Embedded Metric Format) the functions
+    /// and the workers printed.
+    pub fn metric_lines(&self) -> Vec<Value> {
+        let mut files = vec![self.dir.path().join("serve.stdout")];
+        if let Ok(entries) = std::fs::read_dir(self.workers_dir()) {
+            files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())));
+        }
+        files
+            .iter()
+            .filter_map(|file| std::fs::read_to_string(file).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                    .filter(|line| line.get("_aws").is_some())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     pub fn serve_log(&self) -> String {

@@ -9,13 +9,15 @@
 //! table can never hold) fails its task with the reason, so the run still
 //! ends.
 
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 
 use chrono::Utc;
 use futures::FutureExt;
 use nightshift_core::config;
+use nightshift_core::metrics::Emf;
 use nightshift_core::ports::{AttemptKind, RecordOutcome, ResultRecorder};
-use nightshift_core::{Envelope, Error, TaskResult};
+use nightshift_core::{Envelope, Error, TaskOutcome, TaskResult};
 use tracing::Instrument;
 
 /// The collector's configuration.
@@ -58,6 +60,7 @@ pub struct Collected {
 pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Collected {
     let mut collected = Collected::default();
     let mut results = Vec::new();
+    let mut tally: BTreeMap<String, Tally> = BTreeMap::new();
     for message in messages {
         let envelope = Envelope::from_json(&message.body);
         if let Ok(envelope) = &envelope
@@ -70,8 +73,13 @@ pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Co
             Ok(other) => {
                 let span = tracing::info_span!("message", message_id = %message.message_id,
                     task_id = other.task_id().unwrap_or_default(), run_id = %other.run_id());
-                if !record_one(recorder, other).instrument(span).await {
-                    collected.retry.push(message.message_id.clone());
+                match record_one(recorder, &other).instrument(span).await {
+                    Some(RecordOutcome::Recorded) => tally
+                        .entry(other.run_id().to_owned())
+                        .or_default()
+                        .note(&other),
+                    Some(_) => {}
+                    None => collected.retry.push(message.message_id.clone()),
                 }
             }
             Err(error) => {
@@ -82,8 +90,47 @@ pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Co
     }
     collected
         .retry
-        .extend(record_results(recorder, results).await);
+        .extend(record_results(recorder, results, &mut tally).await);
+    for (run_id, counts) in tally {
+        Emf::of("collector", &run_id)
+            .count("TasksDone", counts.done)
+            .count("TasksFailed", counts.failed + counts.dead_letters)
+            .count("AttemptsFailed", counts.failed_attempts)
+            .count("AttemptsInterrupted", counts.interruptions)
+            .emit();
+    }
     collected
+}
+
+/// What a batch recorded of one run (duplicates not counted).
+#[derive(Debug, Default)]
+struct Tally {
+    done: u64,
+    failed: u64,
+    dead_letters: u64,
+    failed_attempts: u64,
+    interruptions: u64,
+}
+
+impl Tally {
+    /// An event other than a result, recorded.
+    fn note(&mut self, envelope: &Envelope) {
+        match envelope {
+            Envelope::AttemptFailed(_) => self.failed_attempts += 1,
+            Envelope::Interrupted(_) => self.interruptions += 1,
+            Envelope::Task(_) => self.dead_letters += 1,
+            Envelope::Result(_) | Envelope::Usage(_) => {}
+        }
+    }
+
+    fn count(&mut self, result: &TaskResult, outcome: &RecordOutcome) {
+        match (outcome, &result.outcome) {
+            (RecordOutcome::Recorded, TaskOutcome::Done { .. }) => self.done += 1,
+            (RecordOutcome::Recorded, TaskOutcome::Failed { .. })
+            | (RecordOutcome::FailedInstead(_), _) => self.failed += 1,
+            _ => {}
+        }
+    }
 }
 
 /// Records the results of a batch; returns the message ids that must be
@@ -91,6 +138,7 @@ pub async fn collect(recorder: &dyn ResultRecorder, messages: &[Incoming]) -> Co
 async fn record_results(
     recorder: &dyn ResultRecorder,
     results: Vec<(String, TaskResult)>,
+    tally: &mut BTreeMap<String, Tally>,
 ) -> Vec<String> {
     let mut retry = Vec::new();
     if results.is_empty() {
@@ -101,6 +149,10 @@ async fn record_results(
         Ok(outcomes) => {
             for ((message_id, result), outcome) in results.iter().zip(outcomes) {
                 log_result(message_id, result, &outcome);
+                tally
+                    .entry(result.run_id.clone())
+                    .or_default()
+                    .count(result, &outcome);
                 if !settled(&outcome) {
                     retry.push(message_id.clone());
                 }
@@ -115,8 +167,12 @@ async fn record_results(
             // so that only its own task pays for it.
             tracing::error!(error = %error.chain(), "a batch of results was refused; recording them one by one");
             for (message_id, result) in &results {
-                if !record_alone(recorder, message_id, result).await {
-                    retry.push(message_id.clone());
+                match record_alone(recorder, message_id, result).await {
+                    Some(outcome) => tally
+                        .entry(result.run_id.clone())
+                        .or_default()
+                        .count(result, &outcome),
+                    None => retry.push(message_id.clone()),
                 }
             }
         }
@@ -125,12 +181,12 @@ async fn record_results(
 }
 
 /// A result on its own; if even that is refused for good, its task fails
-/// with the reason. `false` if it must be delivered again.
+/// with the reason. The outcome, or `None` if it must be delivered again.
 async fn record_alone(
     recorder: &dyn ResultRecorder,
     message_id: &str,
     result: &TaskResult,
-) -> bool {
+) -> Option<RecordOutcome> {
     let error = match guarded(recorder.record_results(std::slice::from_ref(result))).await {
         Ok(outcomes) => {
             let outcome = outcomes
@@ -138,9 +194,9 @@ async fn record_alone(
                 .next()
                 .unwrap_or(RecordOutcome::Unknown);
             log_result(message_id, result, &outcome);
-            return settled(&outcome);
+            return settled(&outcome).then_some(outcome);
         }
-        Err(error) if error.is_retryable() => return false,
+        Err(error) if error.is_retryable() => return None,
         Err(error) => error,
     };
     let reason = format!("the result could not be recorded: {}", error.chain());
@@ -149,11 +205,17 @@ async fn record_alone(
     {
         Ok(outcome) => {
             tracing::error!(%message_id, task_id = %result.task_id, %reason, ?outcome, "task failed: its result was refused");
-            settled(&outcome)
+            // Failed in its stead: counted as a failure.
+            let settled = settled(&outcome);
+            let outcome = match outcome {
+                RecordOutcome::Recorded => RecordOutcome::FailedInstead(reason),
+                other => other,
+            };
+            settled.then_some(outcome)
         }
         Err(error) => {
             tracing::error!(%message_id, task_id = %result.task_id, error = %error.chain(), "could not fail the task either");
-            !error.is_retryable()
+            (!error.is_retryable()).then_some(RecordOutcome::Unknown)
         }
     }
 }
@@ -172,10 +234,11 @@ async fn guarded<T>(call: impl Future<Output = Result<T, Error>>) -> Result<T, E
     }
 }
 
-/// Records one non-result message; `false` if it must be delivered again.
-async fn record_one(recorder: &dyn ResultRecorder, envelope: Envelope) -> bool {
+/// Records one non-result message: its outcome, or `None` if it must be
+/// delivered again.
+async fn record_one(recorder: &dyn ResultRecorder, envelope: &Envelope) -> Option<RecordOutcome> {
     let recorded = guarded(async {
-        match &envelope {
+        match envelope {
             Envelope::AttemptFailed(event) => {
                 recorder.record_attempt(event, AttemptKind::Failed).await
             }
@@ -200,15 +263,15 @@ async fn record_one(recorder: &dyn ResultRecorder, envelope: Envelope) -> bool {
     match recorded {
         Ok(outcome) => {
             tracing::info!(?outcome, "recorded");
-            settled(&outcome)
+            settled(&outcome).then_some(outcome)
         }
         Err(error) if error.is_retryable() => {
             tracing::warn!(error = %error.chain(), "could not record; retried");
-            false
+            None
         }
         Err(error) => {
             tracing::error!(error = %error.chain(), "refused for good; dropped");
-            true
+            Some(RecordOutcome::Unknown)
         }
     }
 }

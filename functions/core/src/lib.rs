@@ -9,6 +9,7 @@ pub mod cost;
 mod error;
 pub mod limits;
 pub mod message;
+pub mod metrics;
 pub mod model;
 pub mod night;
 pub mod ports;

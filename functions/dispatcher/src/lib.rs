@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use nightshift_core::config;
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::limits::sqs_batches;
+use nightshift_core::metrics::Emf;
 use nightshift_core::ports::{
     BlobStore, Fleet, Outgoing, PendingTasks, Queue, RunStore, TaskReader, WorkerInstance,
 };
@@ -236,6 +237,16 @@ impl Dispatcher<'_> {
         (pass.queued, pass.waiting) = self.queue_pending(&run.id, room).await?;
         let run = self.runs.run(&run.id).await?.unwrap_or_else(|| run.clone());
         pass.launched = self.size_fleet(&run, instances, now).await?;
+        let running = instances
+            .iter()
+            .filter(|i| i.alive && i.run_id.as_deref() == Some(run.id.as_str()))
+            .count();
+        Emf::of("dispatcher", &run.id)
+            .count("TasksQueued", pass.queued as u64)
+            .count("Backlog", run.in_flight())
+            .count("InstancesRunning", running as u64)
+            .count("InstancesLaunched", pass.launched as u64)
+            .emit();
         if !pass.waiting
             && nightshift_core::rules::run_may_close(
                 run.queued,

@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::http::Method;
+use axum::routing::{MethodRouter, get, post};
 use nightshift_core::config;
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::night::NightWindow;
@@ -91,14 +92,26 @@ fn body_limit(limits: &Limits) -> usize {
         .max(8 << 20)
 }
 
+/// Every route the API serves: a method, a path and its handler. The
+/// router is built from this list, and a test holds `openapi.yaml` to it.
+pub fn endpoints() -> Vec<(Method, &'static str, MethodRouter<Arc<Api>>)> {
+    vec![
+        (Method::POST, "/tasks", post(tasks::create)),
+        (Method::GET, "/tasks/{id}", get(tasks::show)),
+        (Method::POST, "/runs", post(report::start_run)),
+        (Method::GET, "/runs", get(report::list_runs)),
+        (Method::GET, "/runs/{id}", get(report::show_run)),
+        (Method::GET, "/runs/{id}/report", get(report::run_report)),
+    ]
+}
+
 pub fn router(api: Api) -> Router {
     let limit = body_limit(&api.limits);
-    Router::new()
-        .route("/tasks", post(tasks::create))
-        .route("/tasks/{id}", get(tasks::show))
-        .route("/runs", post(report::start_run).get(report::list_runs))
-        .route("/runs/{id}", get(report::show_run))
-        .route("/runs/{id}/report", get(report::run_report))
+    endpoints()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, handler)| {
+            router.route(path, handler)
+        })
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,

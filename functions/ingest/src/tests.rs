@@ -643,3 +643,33 @@ async fn a_bad_page_request_is_refused_naming_the_parameter() {
         assert_eq!(error["error"]["field"], field, "{uri}");
     }
 }
+
+/// `openapi.yaml` describes exactly the routes the router serves.
+#[test]
+fn the_api_description_names_every_route_and_no_other() {
+    let spec: serde_json::Value =
+        serde_norway::from_str(include_str!("../../../openapi.yaml")).unwrap();
+    let mut described: Vec<(String, String)> = spec["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, operations)| {
+            operations
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|key| {
+                    ["get", "put", "post", "delete", "patch", "head", "options"]
+                        .contains(&key.as_str())
+                })
+                .map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let mut served: Vec<(String, String)> = endpoints()
+        .into_iter()
+        .map(|(method, path, _)| (method.to_string(), path.to_owned()))
+        .collect();
+    described.sort();
+    served.sort();
+    assert_eq!(described, served);
+}

@@ -3,7 +3,6 @@
 
 use axum::http::StatusCode;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
@@ -59,22 +58,22 @@ const MAX_ACCOUNT_LEN: usize = 128;
 const MAX_KEY_LEN: usize = 128;
 const TASK_FIELDS: [&str; 4] = ["account", "payload", "kernel", "idempotency_key"];
 
-/// Parses `POST /tasks`: one task object, or `{"tasks": [...]}`.
+/// An object's members, each kept as its JSON text.
+type Members<'a> = std::collections::BTreeMap<String, &'a RawValue>;
+
+/// Parses `POST /tasks`: one task object, or `{"tasks": [...]}`. Payloads
+/// are kept as the client wrote them, never parsed into numbers: an integer
+/// beyond 64 bits or `1e400` reaches the kernel as it was sent.
 pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, ApiError> {
-    let document: Value = serde_json::from_slice(body).map_err(|e| {
+    let document: &RawValue = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_json",
             format!("body is not valid JSON: {e}"),
         )
     })?;
-    let Value::Object(object) = document else {
-        return Err(ApiError::invalid(
-            "invalid_type",
-            "",
-            "body must be a JSON object",
-        ));
-    };
+    let object = members(document)
+        .ok_or_else(|| ApiError::invalid("invalid_type", "", "body must be a JSON object"))?;
     let Some(tasks) = object.get("tasks") else {
         return Ok(vec![parse_task(&object, "", limits)?]);
     };
@@ -90,13 +89,8 @@ pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, Api
             "a batch body holds only `tasks`",
         ));
     }
-    let Value::Array(tasks) = tasks else {
-        return Err(ApiError::invalid(
-            "invalid_type",
-            "tasks",
-            "tasks must be an array",
-        ));
-    };
+    let tasks: Vec<&RawValue> = serde_json::from_str(tasks.get())
+        .map_err(|_| ApiError::invalid("invalid_type", "tasks", "tasks must be an array"))?;
     if tasks.is_empty() {
         return Err(ApiError::invalid(
             "empty_batch",
@@ -121,9 +115,9 @@ pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, Api
         .enumerate()
         .map(|(i, task)| {
             let prefix = format!("tasks[{i}].");
-            match task {
-                Value::Object(object) => parse_task(object, &prefix, limits),
-                _ => Err(ApiError::invalid(
+            match members(task) {
+                Some(object) => parse_task(&object, &prefix, limits),
+                None => Err(ApiError::invalid(
                     "invalid_type",
                     format!("tasks[{i}]"),
                     "each task must be an object",
@@ -135,8 +129,18 @@ pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, Api
     Ok(parsed)
 }
 
+/// The members of a JSON object, or `None` for any other value.
+fn members(value: &RawValue) -> Option<Members<'_>> {
+    value
+        .get()
+        .trim_start()
+        .starts_with('{')
+        .then(|| serde_json::from_str(value.get()).ok())
+        .flatten()
+}
+
 fn parse_task(
-    object: &Map<String, Value>,
+    object: &Members<'_>,
     prefix: &str,
     limits: &Limits,
 ) -> Result<TaskRequest, ApiError> {
@@ -148,26 +152,28 @@ fn parse_task(
         ));
     }
     let account = required_string(object, "account", prefix)?;
-    if account.len() > MAX_ACCOUNT_LEN || account.chars().any(char::is_control) {
+    if account.len() > MAX_ACCOUNT_LEN || account.chars().any(is_invisible) {
         return Err(ApiError::invalid(
             "invalid_value",
             format!("{prefix}account"),
-            format!("account must be at most {MAX_ACCOUNT_LEN} printable characters"),
+            format!(
+                "account must be at most {MAX_ACCOUNT_LEN} bytes of printable characters \
+                 (no control or format characters)"
+            ),
         ));
     }
     let payload = match object.get("payload") {
-        None | Some(Value::Null) => {
-            return Err(ApiError::invalid(
-                "missing_field",
-                format!("{prefix}payload"),
-                "payload is required",
-            ));
-        }
-        Some(payload) => payload.clone(),
+        None => None,
+        Some(raw) if raw.get().trim() == "null" => None,
+        Some(raw) => Some((*raw).to_owned()),
     };
-    let payload = serde_json::value::to_raw_value(&payload).map_err(|e| {
-        ApiError::invalid("invalid_value", format!("{prefix}payload"), e.to_string())
-    })?;
+    let Some(payload) = payload else {
+        return Err(ApiError::invalid(
+            "missing_field",
+            format!("{prefix}payload"),
+            "payload is required",
+        ));
+    };
     let payload_bytes = payload.get().len();
     if payload_bytes > limits.max_payload_bytes {
         return Err(ApiError::new(
@@ -211,11 +217,37 @@ fn parse_task(
     })
 }
 
-fn required_string(
-    object: &Map<String, Value>,
-    name: &str,
-    prefix: &str,
-) -> Result<String, ApiError> {
+/// Control characters, and Unicode's format characters (bidirectional
+/// overrides such as U+202E, zero-width ones, the byte-order mark): in an
+/// account they would make two different names look the same.
+fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            u32::from(c),
+            0x00AD
+                | 0x0600..=0x0605
+                | 0x061C
+                | 0x06DD
+                | 0x070F
+                | 0x08E2
+                | 0x180E
+                | 0x200B..=0x200F
+                | 0x202A..=0x202E
+                | 0x2060..=0x2064
+                | 0x2066..=0x206F
+                | 0xFEFF
+                | 0xFFF9..=0xFFFB
+                | 0x110BD
+                | 0x110CD
+                | 0x13430..=0x1343F
+                | 0x1BCA0..=0x1BCA3
+                | 0x1D173..=0x1D17A
+                | 0xE0001
+                | 0xE0020..=0xE007F
+        )
+}
+
+fn required_string(object: &Members<'_>, name: &str, prefix: &str) -> Result<String, ApiError> {
     match optional_string(object, name, prefix)? {
         Some(value) if !value.trim().is_empty() => Ok(value),
         Some(_) => Err(ApiError::invalid(
@@ -232,14 +264,16 @@ fn required_string(
 }
 
 fn optional_string(
-    object: &Map<String, Value>,
+    object: &Members<'_>,
     name: &str,
     prefix: &str,
 ) -> Result<Option<String>, ApiError> {
-    match object.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(value)) => Ok(Some(value.clone())),
-        Some(_) => Err(ApiError::invalid(
+    let Some(raw) = object.get(name) else {
+        return Ok(None);
+    };
+    match serde_json::from_str::<Option<String>>(raw.get()) {
+        Ok(value) => Ok(value),
+        Err(_) => Err(ApiError::invalid(
             "invalid_type",
             format!("{prefix}{name}"),
             format!("{name} must be a string"),
@@ -266,7 +300,37 @@ fn reject_repeated_keys(tasks: &[TaskRequest]) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
+
+    #[test]
+    fn a_payload_reaches_the_kernel_as_it_was_written() {
+        let body = br#"{"account": "a", "payload": {"big": 123456789012345678901234567890, "tiny": 1e400, "neg": -0.0}}"#;
+        let tasks = parse_tasks(body, &limits()).unwrap();
+        assert_eq!(
+            tasks[0].payload.get(),
+            r#"{"big": 123456789012345678901234567890, "tiny": 1e400, "neg": -0.0}"#
+        );
+    }
+
+    #[test]
+    fn an_account_with_format_or_control_characters_is_refused() {
+        for account in [r"a\u202eb", r"\u200bsame", r"bom\ufeff", r"tab\t"] {
+            let body = format!(r#"{{"account": "{account}", "payload": 1}}"#);
+            let error = parse_tasks(body.as_bytes(), &limits()).unwrap_err();
+            assert_eq!(
+                (error.code, error.field.as_deref()),
+                ("invalid_value", Some("account")),
+                "{account}"
+            );
+        }
+        assert!(
+            parse_tasks(
+                r#"{"account": "Zoë Ørsted", "payload": 1}"#.as_bytes(),
+                &limits()
+            )
+            .is_ok()
+        );
+    }
 
     fn limits() -> Limits {
         Limits {

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nightshift_core::limits::ClaimCheck;
+use nightshift_core::metrics::Emf;
 use nightshift_core::ports::{BlobStore, Outgoing, Queue, Received, RunReader, UsageSource};
 use nightshift_core::{Envelope, TaskMessage, UsageReport};
 use nightshift_kernels::{Control, Registry};
@@ -313,6 +314,11 @@ async fn receive_loop(
                 continue;
             };
             let control = Control::new();
+            let busy = held.lock().len() + 1;
+            Emf::of("worker", &task.run_id)
+                .count("SlotsBusy", busy as u64)
+                .count("Slots", context.settings.slots as u64)
+                .emit();
             held.lock().insert(
                 message.receipt.clone(),
                 HeldTask {

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use nightshift_core::limits::ClaimCheck;
+use nightshift_core::metrics::Emf;
 use nightshift_core::ports::Received;
 use nightshift_core::{AttemptEvent, Blob, Envelope, TaskMessage, TaskOutcome, TaskResult};
 use nightshift_kernels::{Control, KernelError, Outcome};
@@ -58,6 +59,7 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
                 }
             };
             tracing::info!(summary, "task done");
+            measure(&task, started_at, "TasksDone");
             finish(
                 context,
                 &message,
@@ -70,12 +72,26 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
         }
         Err(KernelError::Permanent(error)) => {
             tracing::warn!(error, "task failed for good");
+            measure(&task, started_at, "TasksFailed");
             finish(context, &message, report(TaskOutcome::Failed { error })).await;
         }
         Err(KernelError::Retryable(error)) => {
             give_up_for_now(context, &message, &task, started_at, &error).await
         }
     }
+}
+
+/// The kernel's time on a task that ended here, by kernel.
+fn measure(task: &TaskMessage, started_at: DateTime<Utc>, ended: &'static str) {
+    let took = (Utc::now() - started_at)
+        .num_milliseconds()
+        .max(0)
+        .unsigned_abs();
+    Emf::of("worker", &task.run_id)
+        .by("Kernel", &task.kernel)
+        .milliseconds("TaskDuration", took)
+        .count(ended, 1)
+        .emit();
 }
 
 /// Sends the final result and, only once it is on the result queue,
@@ -104,6 +120,9 @@ async fn give_up_for_now(
     error: &str,
 ) {
     tracing::warn!(error, "attempt failed; the task will be retried");
+    Emf::of("worker", &task.run_id)
+        .count("AttemptsFailed", 1)
+        .emit();
     let event = Envelope::AttemptFailed(attempt(
         context,
         message,
@@ -124,6 +143,9 @@ pub(crate) async fn hand_back(
     started_at: Option<DateTime<Utc>>,
     checkpoint: Option<Vec<u8>>,
 ) {
+    Emf::of("worker", &task.run_id)
+        .count("AttemptsInterrupted", 1)
+        .emit();
     let mut continuation = task.clone();
     continuation.prior_attempts = task.prior_attempts + message.receive_count;
     if let Some(bytes) = checkpoint {
