@@ -98,18 +98,6 @@ pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, Api
             "tasks must hold at least one task",
         ));
     }
-    if tasks.len() > limits.max_batch {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "batch_too_large",
-            format!(
-                "a batch holds at most {} tasks, this one {}",
-                limits.max_batch,
-                tasks.len()
-            ),
-        )
-        .at("tasks"));
-    }
     let parsed = tasks
         .iter()
         .enumerate()
@@ -125,6 +113,19 @@ pub fn parse_tasks(body: &[u8], limits: &Limits) -> Result<Vec<TaskRequest>, Api
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // After the tasks themselves: a malformed task is named first.
+    if parsed.len() > limits.max_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!(
+                "a batch holds at most {} tasks, this one {}",
+                limits.max_batch,
+                parsed.len()
+            ),
+        )
+        .at("tasks"));
+    }
     reject_repeated_keys(&parsed)?;
     Ok(parsed)
 }
