@@ -290,7 +290,12 @@ impl TaskReader for MemoryStore {
             .map(|t| t.task.clone())
             .collect();
         Ok(page_of(tasks, limit, |task| {
-            [("run_id", run_id.to_owned()), ("task_id", task.id.clone())]
+            [
+                ("pk", format!("TASK#{}", task.id)),
+                ("sk", "TASK".to_owned()),
+                ("run_id", run_id.to_owned()),
+                ("task_id", task.id.clone()),
+            ]
         }))
     }
 }
@@ -546,7 +551,15 @@ impl RunStore for MemoryStore {
     async fn runs_page(&self, limit: usize, after: Option<&Cursor>) -> Result<Page<Run>, Error> {
         network().await;
         let key = |run: &Run| format!("{} {}", timestamp(run.started_at), run.id);
-        let after = cursor_field(after, "key")?;
+        let after = match (
+            cursor_field(after, "started_at")?,
+            cursor_field(after, "pk")?,
+        ) {
+            (Some(started_at), Some(pk)) => {
+                Some(format!("{started_at} {}", pk.trim_start_matches("RUN#")))
+            }
+            _ => None,
+        };
         let mut runs: Vec<Run> = lock(&self.state)
             .runs
             .values()
@@ -555,7 +568,12 @@ impl RunStore for MemoryStore {
             .collect();
         runs.sort_by_key(|run| std::cmp::Reverse(key(run)));
         Ok(page_of(runs, limit, |run| {
-            [("key", key(run)), ("run", run.id.clone())]
+            [
+                ("pk", format!("RUN#{}", run.id)),
+                ("sk", "RUN".to_owned()),
+                ("run_list", "RUN".to_owned()),
+                ("started_at", timestamp(run.started_at)),
+            ]
         }))
     }
 

@@ -119,6 +119,13 @@ pub fn router(api: Api) -> Router {
                 "no such route",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take this method",
+            )
+        })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(Arc::new(api))
 }

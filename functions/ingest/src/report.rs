@@ -78,7 +78,7 @@ pub async fn list_runs(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = limit(&query, RUNS_PAGE)?;
-    let after = cursor(&query, None)?;
+    let after = cursor(&query, RUNS_CURSOR, None)?;
     let page = api
         .runs
         .runs_page(limit, after.as_ref())
@@ -155,7 +155,7 @@ impl From<Task> for ReportLine {
 #[derive(Debug, Serialize)]
 struct CsvLine<'a> {
     task_id: &'a str,
-    account: &'a str,
+    account: std::borrow::Cow<'a, str>,
     kernel: &'a str,
     status: &'a str,
     instance_id: &'a str,
@@ -165,8 +165,19 @@ struct CsvLine<'a> {
     started_at: String,
     finished_at: String,
     duration_ms: Option<u64>,
-    summary: &'a str,
-    error: &'a str,
+    summary: std::borrow::Cow<'a, str>,
+    error: std::borrow::Cow<'a, str>,
+}
+
+/// A cell a spreadsheet would take for a formula (`=`, `+`, `-`, `@`, or a
+/// tab or return first) starts with `'`, so an account named
+/// `=HYPERLINK(...)` stays text.
+fn cell(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{text}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 impl<'a> From<&'a ReportLine> for CsvLine<'a> {
@@ -174,7 +185,7 @@ impl<'a> From<&'a ReportLine> for CsvLine<'a> {
         let time = |at: Option<DateTime<Utc>>| at.map(nightshift_core::model::timestamp);
         Self {
             task_id: &line.task_id,
-            account: &line.account,
+            account: cell(&line.account),
             kernel: &line.kernel,
             status: line.status.as_str(),
             instance_id: line.instance_id.as_deref().unwrap_or_default(),
@@ -184,8 +195,8 @@ impl<'a> From<&'a ReportLine> for CsvLine<'a> {
             started_at: time(line.started_at).unwrap_or_default(),
             finished_at: time(line.finished_at).unwrap_or_default(),
             duration_ms: line.duration_ms,
-            summary: line.summary.as_deref().unwrap_or_default(),
-            error: line.error.as_deref().unwrap_or_default(),
+            summary: cell(line.summary.as_deref().unwrap_or_default()),
+            error: cell(line.error.as_deref().unwrap_or_default()),
         }
     }
 }
@@ -218,7 +229,7 @@ pub async fn run_report(
 ) -> Result<Response, ApiError> {
     let format = format(&query, &headers)?;
     let limit = limit(&query, REPORT_PAGE)?;
-    let after = cursor(&query, Some(&id))?;
+    let after = cursor(&query, REPORT_CURSOR, Some(&id))?;
     let run = find_run(&api, &id).await?;
     let page = api
         .reader
@@ -368,10 +379,17 @@ fn limit(
         })
 }
 
-/// `?cursor=`: a `next_cursor` this API gave, for this run when `run_id`
-/// is given.
+/// The keys of a cursor of the runs listing, and of a run's report: what
+/// the table's index hands back as its last key.
+const RUNS_CURSOR: [&str; 4] = ["pk", "run_list", "sk", "started_at"];
+const REPORT_CURSOR: [&str; 4] = ["pk", "run_id", "sk", "task_id"];
+
+/// `?cursor=`: a `next_cursor` this API gave for this listing (its keys,
+/// and the run's id for a report), so that the table never sees a start
+/// key it would refuse.
 fn cursor(
     query: &HashMap<String, String>,
+    listing: [&str; 4],
     run_id: Option<&str>,
 ) -> Result<Option<Cursor>, ApiError> {
     let Some(text) = query.get("cursor") else {
@@ -386,8 +404,13 @@ fn cursor(
         .at("cursor")
     };
     let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| invalid())?;
-    let keys: HashMap<String, String> = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
-    if run_id.is_some_and(|id| keys.get("run_id").map(String::as_str) != Some(id)) {
+    let keys: std::collections::BTreeMap<String, String> =
+        serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+    let names: Vec<&str> = keys.keys().map(String::as_str).collect();
+    if names != listing
+        || keys.values().any(|v| v.is_empty() || v.len() > 1024)
+        || run_id.is_some_and(|id| keys.get("run_id").map(String::as_str) != Some(id))
+    {
         return Err(invalid());
     }
     let decoded = String::from_utf8(bytes).map_err(|_| invalid())?;

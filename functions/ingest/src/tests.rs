@@ -617,11 +617,16 @@ async fn a_bad_page_request_is_refused_naming_the_parameter() {
     let f = fixture();
     let (_, started) = call(&f.router, "POST", "/runs", "").await;
     let run_id = started["run"]["id"].as_str().unwrap().to_owned();
-    let other_run_cursor = {
+    let encode = |keys: Value| {
         use base64::Engine;
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(json!({"run_id": "another", "task_id": "t"}).to_string())
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(keys.to_string())
     };
+    let other_run_cursor =
+        encode(json!({"pk": "TASK#t", "sk": "TASK", "run_id": "another", "task_id": "t"}));
+    let runs_cursor =
+        encode(json!({"pk": "RUN#r", "sk": "RUN", "run_list": "RUN", "started_at": "x"}));
+    let report_cursor =
+        encode(json!({"pk": "TASK#t", "sk": "TASK", "run_id": run_id, "task_id": "t"}));
     for (uri, field) in [
         ("/runs?limit=0".to_owned(), "limit"),
         ("/runs?limit=101".to_owned(), "limit"),
@@ -637,11 +642,57 @@ async fn a_bad_page_request_is_refused_naming_the_parameter() {
             format!("/runs/{run_id}/report?cursor={other_run_cursor}"),
             "cursor",
         ),
+        (
+            format!("/runs/{run_id}/report?cursor={runs_cursor}"),
+            "cursor",
+        ),
+        (format!("/runs?cursor={report_cursor}"), "cursor"),
+        ("/runs?cursor=e30".to_owned(), "cursor"),
     ] {
         let (status, error) = call(&f.router, "GET", &uri, "").await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {error}");
         assert_eq!(error["error"]["field"], field, "{uri}");
     }
+    let (status, _) = call(
+        &f.router,
+        "GET",
+        &format!("/runs/{run_id}/report?cursor={report_cursor}"),
+        "",
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a cursor of this run's report is taken"
+    );
+    let (status, error) = call(&f.router, "PUT", "/tasks", "").await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")),
+        "a wrong method answers JSON too"
+    );
+}
+
+#[tokio::test]
+async fn a_report_cell_that_a_spreadsheet_would_run_stays_text() {
+    let f = fixture();
+    let body = json!({"account": "=HYPERLINK(\"http://x\")", "payload": 1}).to_string();
+    let (_, created) = call(&f.router, "POST", "/tasks", &body).await;
+    let id = created["task_ids"][0].as_str().unwrap().to_owned();
+    let (_, started) = call(&f.router, "POST", "/runs", "").await;
+    let run_id = started["run"]["id"].as_str().unwrap().to_owned();
+    nightshift_core::ports::PendingTasks::mark_queued(&*f.store, &run_id, &[id])
+        .await
+        .unwrap();
+    let (_, _, text) = call_raw(
+        &f.router,
+        &format!("/runs/{run_id}/report?format=csv"),
+        None,
+    )
+    .await;
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let row = reader.records().next().unwrap().unwrap();
+    assert_eq!(&row[1], "'=HYPERLINK(\"http://x\")");
 }
 
 /// `openapi.yaml` describes exactly the routes the router serves.
