@@ -147,22 +147,7 @@ fn local_rejection(line: usize, message: &str) -> Rejected {
 
 /// Lines in requests the API takes: by count and by bytes.
 fn batches(lines: Vec<Line>) -> Vec<Vec<Line>> {
-    let mut batches: Vec<Vec<Line>> = Vec::new();
-    let mut bytes = 0;
-    for line in lines {
-        let full = batches
-            .last()
-            .is_none_or(|b| b.len() >= BATCH_TASKS || bytes + line.bytes > BATCH_BYTES);
-        if full {
-            batches.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += line.bytes;
-        if let Some(batch) = batches.last_mut() {
-            batch.push(line);
-        }
-    }
-    batches
+    nightshift_core::limits::batches(lines, BATCH_TASKS, BATCH_BYTES, |line| line.bytes)
 }
 
 /// Sends a batch. The API takes a request whole or not at all and names

@@ -217,23 +217,9 @@ fn test_account(request: &NewAccounts, account: &str, seed: u64) -> Value {
 
 /// Tasks in requests the API takes: by count and by bytes.
 fn requests_of(tasks: Vec<Value>) -> Vec<Vec<Value>> {
-    let mut requests: Vec<Vec<Value>> = Vec::new();
-    let mut bytes = 0;
-    for task in tasks {
-        let size = task.to_string().len();
-        let full = requests
-            .last()
-            .is_none_or(|last| last.len() >= REQUEST_TASKS || bytes + size > REQUEST_BYTES);
-        if full {
-            requests.push(Vec::new());
-            bytes = 0;
-        }
-        bytes += size;
-        if let Some(last) = requests.last_mut() {
-            last.push(task);
-        }
-    }
-    requests
+    nightshift_core::limits::batches(tasks, REQUEST_TASKS, REQUEST_BYTES, |task| {
+        task.to_string().len()
+    })
 }
 
 /// Any other `/api/...` call goes to the API as it is, signed.

@@ -5,12 +5,11 @@
 use std::time::Duration;
 
 use nightshift_collector::{Incoming, collect};
-use nightshift_core::Usage;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::sqs::SqsQueue;
 use nightshift_core::ports::Queue;
-use nightshift_core::ports::{UsageSource, charge};
+use nightshift_core::ports::charge;
 
 use super::template::SqsSource;
 
@@ -53,8 +52,9 @@ pub async fn run(
             .collect();
         let started = std::time::Instant::now();
         let collected = collect(&collector.store, &incoming).await;
-        let mut used = collector.meter.take();
-        used.add(&Usage::invocation(started.elapsed(), collector.memory_mb));
+        let used = collector
+            .meter
+            .take_invocation(started.elapsed(), collector.memory_mb);
         charge(
             &collector.store,
             collected.runs.first().map(String::as_str),

@@ -12,13 +12,12 @@ use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use nightshift_core::Usage;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::ec2::SpotFleet;
 use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
-use nightshift_core::ports::{UsageSource, charge};
+use nightshift_core::ports::charge;
 use nightshift_dispatcher::{Dispatcher, Settings as DispatchSettings};
 use nightshift_ingest::{Api, DispatchTrigger};
 use tokio::process::Command;
@@ -491,8 +490,9 @@ async fn dispatch_loop(
         } else {
             dispatcher.pass(now, &owner).await
         };
-        let mut used = ports.meter.take();
-        used.add(&Usage::invocation(started.elapsed(), ports.memory_mb));
+        let used = ports
+            .meter
+            .take_invocation(started.elapsed(), ports.memory_mb);
         let run_id = pass.as_ref().ok().and_then(|p| p.run_id.as_deref());
         charge(&ports.store, run_id, &used).await;
         match pass {

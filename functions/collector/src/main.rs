@@ -3,11 +3,10 @@
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use lambda_runtime::{LambdaEvent, service_fn};
 use nightshift_collector::{Config, Incoming, collect};
-use nightshift_core::Usage;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::meter::Meter;
 use nightshift_core::config::ProcessEnv;
-use nightshift_core::ports::{UsageSource, charge};
+use nightshift_core::ports::charge;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
@@ -35,8 +34,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             })
             .collect();
         let collected = collect(store, &messages).await;
-        let mut used = meter.take();
-        used.add(&Usage::invocation(started.elapsed(), memory_mb));
+        let used = meter.take_invocation(started.elapsed(), memory_mb);
         charge(store, collected.runs.first().map(String::as_str), &used).await;
         let mut response = SqsBatchResponse::default();
         response.batch_item_failures = collected

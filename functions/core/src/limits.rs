@@ -113,14 +113,24 @@ pub fn bounded(text: &str, limit: usize) -> String {
 /// bodies in all, in order. An entry over the limit alone still gets a batch
 /// of its own (SQS then refuses that entry, not its neighbours).
 pub fn sqs_batches<T>(entries: Vec<T>, bytes: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    batches(entries, SQS_BATCH_ENTRIES, SQS_MESSAGE_LIMIT, bytes)
+}
+
+/// Groups entries, in order, into batches of at most `most` entries and
+/// `most_bytes` in all; an entry over `most_bytes` alone gets a batch of
+/// its own.
+pub fn batches<T>(
+    entries: Vec<T>,
+    most: usize,
+    most_bytes: usize,
+    bytes: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
     let mut batches: Vec<Vec<T>> = Vec::new();
     let mut current: Vec<T> = Vec::new();
     let mut current_bytes = 0;
     for entry in entries {
         let size = bytes(&entry);
-        if !current.is_empty()
-            && (current.len() == SQS_BATCH_ENTRIES || current_bytes + size > SQS_MESSAGE_LIMIT)
-        {
+        if !current.is_empty() && (current.len() >= most || current_bytes + size > most_bytes) {
             batches.push(std::mem::take(&mut current));
             current_bytes = 0;
         }

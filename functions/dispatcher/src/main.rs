@@ -2,14 +2,13 @@
 //! waking it for a new run) starts one reconciling pass.
 
 use lambda_runtime::{LambdaEvent, service_fn};
-use nightshift_core::Usage;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::ec2::SpotFleet;
 use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
 use nightshift_core::config::ProcessEnv;
-use nightshift_core::ports::{UsageSource, charge};
+use nightshift_core::ports::charge;
 use nightshift_dispatcher::{Config, Dispatcher, Pass};
 use serde_json::Value;
 
@@ -60,8 +59,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             dispatcher.pass(now, &owner).await?
         };
         tracing::info!(?pass, "dispatch pass");
-        let mut used = meter.take();
-        used.add(&Usage::invocation(started.elapsed(), memory_mb));
+        let used = meter.take_invocation(started.elapsed(), memory_mb);
         charge(store, pass.run_id.as_deref(), &used).await;
         Ok::<Pass, lambda_runtime::Error>(pass)
     }))

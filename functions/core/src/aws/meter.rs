@@ -32,9 +32,12 @@ impl UsageSource for Meter {
 }
 
 impl Meter {
-    /// Counts what the SDK does not see (a function's own time).
-    pub fn add(&self, usage: &Usage) {
-        self.count(|used| used.add(usage));
+    /// What an invocation of `elapsed` with `memory_mb` cost: the requests
+    /// counted since the last take, and the invocation itself.
+    pub fn take_invocation(&self, elapsed: std::time::Duration, memory_mb: u32) -> Usage {
+        let mut used = self.take();
+        used.add(&Usage::invocation(elapsed, memory_mb));
+        used
     }
 
     fn count(&self, change: impl FnOnce(&mut Usage)) {

@@ -175,6 +175,37 @@ impl DynamoStore {
         }
     }
 
+    /// One page of `index`: up to `limit` items whose `key` is `value`,
+    /// from `after`, forwards or backwards by the index's sort key; and
+    /// where the next page starts.
+    async fn index_page(
+        &self,
+        index: &'static str,
+        (key, value): (&str, &str),
+        forwards: bool,
+        limit: usize,
+        after: Option<&crate::ports::Cursor>,
+    ) -> Result<(Vec<Item>, Option<crate::ports::Cursor>), Error> {
+        let output = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(index)
+            .key_condition_expression("#key = :value")
+            .expression_attribute_names("#key", key)
+            .expression_attribute_values(":value", codec::s(value))
+            .scan_index_forward(forwards)
+            .limit(i32::try_from(limit.max(1)).unwrap_or(i32::MAX))
+            .set_exclusive_start_key(codec::start_key(after)?)
+            .send()
+            .await
+            .map_err(|e| classify("Query", e))?;
+        Ok((
+            output.items.unwrap_or_default(),
+            codec::cursor_of(output.last_evaluated_key),
+        ))
+    }
+
     async fn get(&self, key: Item) -> Result<Option<Item>, Error> {
         let output = self
             .client

@@ -8,7 +8,7 @@ use chrono::Utc;
 use super::codec::*;
 use super::{CONDITION_FAILED, DynamoStore, Ended, TRANSACTION_ITEMS, Transaction};
 use crate::Error;
-use crate::aws::{build_error, classify};
+use crate::aws::build_error;
 use crate::model::{PendingTask, TaskStatus};
 use crate::ports::{Cursor, Page, PendingTasks};
 use crate::rules::TaskChange;
@@ -152,24 +152,19 @@ impl PendingTasks for DynamoStore {
         limit: usize,
         after: Option<&Cursor>,
     ) -> Result<Page<PendingTask>, Error> {
-        let output = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name("pending")
-            .key_condition_expression("#shard = :shard")
-            .expression_attribute_names("#shard", PENDING_SHARD)
-            .expression_attribute_values(":shard", s(&shard.to_string()))
-            .limit(i32::try_from(limit.max(1)).unwrap_or(i32::MAX))
-            .set_exclusive_start_key(start_key(after)?)
-            .send()
-            .await
-            .map_err(|e| classify("Query pending", e))?;
-        let next = cursor_of(output.last_evaluated_key.clone());
+        let (keys, next) = self
+            .index_page(
+                "pending",
+                (PENDING_SHARD, &shard.to_string()),
+                true,
+                limit,
+                after,
+            )
+            .await?;
         // The index carries keys only, and is eventually consistent: one
         // consistent read of the items gives their payloads and drops the
         // tasks queued a moment ago.
-        let ids: Vec<String> = output.items().iter().filter_map(task_id_of_key).collect();
+        let ids: Vec<String> = keys.iter().filter_map(task_id_of_key).collect();
         let mut items: std::collections::HashMap<String, Item> = self
             .batch_get_tasks(&ids, None)
             .await?

@@ -12,7 +12,6 @@ use super::codec::*;
 use super::{DynamoStore, Transaction};
 use crate::Error;
 use crate::aws::build_error;
-use crate::aws::classify;
 use crate::model::{InstanceSeen, Launched, Run, RunState, SpotPrice};
 use crate::ports::{Cursor, Page, RunReader, RunStore};
 
@@ -36,27 +35,18 @@ impl RunStore for DynamoStore {
     }
 
     async fn runs_page(&self, limit: usize, after: Option<&Cursor>) -> Result<Page<Run>, Error> {
-        let output = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name("runs")
-            .key_condition_expression("#list = :list")
-            .expression_attribute_names("#list", RUN_LIST)
-            .expression_attribute_values(":list", s(RUN_LIST_VALUE))
-            .scan_index_forward(false)
-            .limit(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
-            .set_exclusive_start_key(start_key(after)?)
-            .send()
-            .await
-            .map_err(|e| classify("Query runs", e))?;
+        let (items, next) = self
+            .index_page(
+                "runs",
+                (RUN_LIST, RUN_LIST_VALUE),
+                false,
+                limit.min(1000),
+                after,
+            )
+            .await?;
         Ok(Page {
-            items: output
-                .items()
-                .iter()
-                .map(run_from_item)
-                .collect::<Result<_, _>>()?,
-            next: cursor_of(output.last_evaluated_key),
+            items: items.iter().map(run_from_item).collect::<Result<_, _>>()?,
+            next,
         })
     }
 

@@ -305,25 +305,15 @@ impl TaskReader for DynamoStore {
         limit: usize,
         after: Option<&Cursor>,
     ) -> Result<Page<Task>, Error> {
-        let output = self
-            .client
-            .query()
-            .table_name(&self.table)
-            .index_name("by_run")
-            .key_condition_expression("run_id = :run")
-            .expression_attribute_values(":run", s(run_id))
-            .limit(i32::try_from(limit.clamp(1, 1000)).unwrap_or(1000))
-            .set_exclusive_start_key(codec::start_key(after)?)
-            .send()
-            .await
-            .map_err(|e| classify("Query by_run", e))?;
+        let (items, next) = self
+            .index_page("by_run", (RUN_ID, run_id), true, limit.min(1000), after)
+            .await?;
         Ok(Page {
-            items: output
-                .items()
+            items: items
                 .iter()
                 .map(codec::task_from_item)
                 .collect::<Result<_, _>>()?,
-            next: codec::cursor_of(output.last_evaluated_key),
+            next,
         })
     }
 }
