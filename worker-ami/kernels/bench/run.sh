@@ -3,8 +3,8 @@
 # all, then the same computation in NumPy on one core, on the same 50-position
 # portfolio. Prints one line per figure, the nightshift / NumPy ratio last.
 #   BENCH_PATHS (default 200000), PYTHON (default .venv/bin/python)
-# It measures the build cargo makes here; for one that uses AVX2 (same bits):
-#   RUSTFLAGS='-C target-cpu=x86-64-v3' CARGO_TARGET_DIR=/tmp/v3 bash worker-ami/kernels/bench/run.sh
+# The kernel picks AVX2 or AVX-512 at run time where the CPU has them (same
+# bits); the figures are for the widest this machine has.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)"

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::input::Spec;
+use super::isa::Isa;
 use super::model::{LANES, Lanes, Model, Scratch};
 use super::rng;
 use super::tally::{Segment, TailPath, Tally};
@@ -50,6 +51,7 @@ impl Bins {
 #[derive(Debug)]
 pub struct Job {
     pub model: Model,
+    isa: Isa,
     key: u64,
     pub paths: u64,
     pub horizon_days: f64,
@@ -69,7 +71,8 @@ pub struct TailSums {
 }
 
 impl Job {
-    pub fn new(spec: &Spec) -> Self {
+    /// The job `spec` describes, its hot loops run with `isa`.
+    pub fn new(spec: &Spec, isa: Isa) -> Self {
         let payload = &spec.payload;
         let model = Model::new(spec);
         let key = rng::hash(payload.seed, payload.account.as_bytes());
@@ -94,9 +97,13 @@ impl Job {
             .map(|level| (level.tail + level.spacing).min(paths as usize))
             .max()
             .unwrap_or(1);
-        let (shift, bins) = pilot(&model, key, payload.histogram_bins);
+        let (shift, bins) = isa.run(
+            #[inline(always)]
+            || pilot(&model, key, payload.histogram_bins),
+        );
         Self {
             model,
+            isa,
             key,
             paths,
             horizon_days: payload.horizon_days,
@@ -137,13 +144,18 @@ impl Job {
         let start = chunk * CHUNK;
         let end = (start + CHUNK).min(self.paths);
         let mut pnl = vec![0.0; (end - start) as usize];
-        let mut block_pnl = [0.0; LANES];
-        for (block, out) in (start..end).step_by(LANES).zip(pnl.chunks_mut(LANES)) {
-            let paths = std::array::from_fn(|lane| (block + lane as u64).min(end - 1));
-            self.model.simulate(self.key, &paths, scratch);
-            self.model.pnl(scratch, &mut block_pnl);
-            out.copy_from_slice(&block_pnl[..out.len()]);
-        }
+        self.isa.run(
+            #[inline(always)]
+            || {
+                let mut block_pnl = [0.0; LANES];
+                for (block, out) in (start..end).step_by(LANES).zip(pnl.chunks_mut(LANES)) {
+                    let paths = std::array::from_fn(|lane| (block + lane as u64).min(end - 1));
+                    self.model.simulate(self.key, &paths, scratch);
+                    self.model.pnl(scratch, &mut block_pnl);
+                    out.copy_from_slice(&block_pnl[..out.len()]);
+                }
+            },
+        );
         let paths = (start as u32..)
             .zip(pnl)
             .map(|(path, pnl)| (path, pnl, self.bins.index(pnl)));
@@ -195,29 +207,37 @@ impl Job {
     ) -> Vec<TailSums> {
         let mut scratch = self.model.scratch();
         let mut pnl: Lanes = [0.0; LANES];
-        for (block_index, block) in paths.chunks(LANES).enumerate() {
-            let ids = std::array::from_fn(|lane| u64::from(block[lane.min(block.len() - 1)].path));
-            self.model.simulate(self.key, &ids, &mut scratch);
-            let first = first_rank + block_index * LANES;
-            for position in 0..self.model.positions() {
-                self.model.position_pnl(position, &scratch, &mut pnl);
-                for (rank, p) in (first..).zip(&pnl[..block.len()]) {
-                    let loss = -p;
-                    for (level, sums) in self.levels.iter().zip(sums.iter_mut()) {
-                        if rank < level.tail {
-                            sums.losses[position] += loss;
-                            sums.squares[position] += loss * loss;
+        self.isa.run(
+            #[inline(always)]
+            || {
+                for (block_index, block) in paths.chunks(LANES).enumerate() {
+                    let ids = std::array::from_fn(|lane| {
+                        u64::from(block[lane.min(block.len() - 1)].path)
+                    });
+                    self.model.simulate(self.key, &ids, &mut scratch);
+                    let first = first_rank + block_index * LANES;
+                    for position in 0..self.model.positions() {
+                        self.model.position_pnl(position, &scratch, &mut pnl);
+                        for (rank, p) in (first..).zip(&pnl[..block.len()]) {
+                            let loss = -p;
+                            for (level, sums) in self.levels.iter().zip(sums.iter_mut()) {
+                                if rank < level.tail {
+                                    sums.losses[position] += loss;
+                                    sums.squares[position] += loss * loss;
+                                }
+                            }
                         }
                     }
                 }
-            }
-        }
+            },
+        );
         sums
     }
 }
 
 /// A short run on its own stream: its mean becomes the shift of the power
 /// sums (which keeps them well conditioned), its spread the histogram's range.
+#[inline(always)]
 fn pilot(model: &Model, key: u64, bins: usize) -> (f64, Bins) {
     let key = rng::mix(key ^ PILOT_STREAM);
     let mut scratch = model.scratch();

@@ -22,6 +22,7 @@
 mod checkpoint;
 mod demo;
 mod input;
+mod isa;
 mod job;
 mod linalg;
 mod math;
@@ -37,6 +38,7 @@ use serde_json::Value;
 pub use demo::{bench_payload, demo_payload, sized_payload};
 
 use crate::{Control, Kernel, KernelError, Outcome};
+use isa::Isa;
 use job::Job;
 use tally::Tally;
 
@@ -60,14 +62,15 @@ impl PortfolioKernel {
         stop: &(dyn Fn() -> bool + Sync),
     ) -> Result<Outcome, KernelError> {
         let spec = input::parse(payload, self.max_paths)?;
-        let job = Job::new(&spec);
-        let fingerprint = rng::hash(job.paths, payload.to_string().as_bytes());
+        let job = Job::new(&spec, Isa::detect());
+        // Only checkpoints need it, and a run without any should not wait for it.
+        let fingerprint = || rng::hash(job.paths, payload.to_string().as_bytes());
         let mut tally = match checkpoint {
-            Some(bytes) => checkpoint::decode(bytes, &job, fingerprint)?,
+            Some(bytes) => checkpoint::decode(bytes, &job, fingerprint())?,
             None => Tally::new(job.bins.count),
         };
         if !job.advance(&mut tally, stop) {
-            let checkpoint = checkpoint::encode(&tally, fingerprint);
+            let checkpoint = checkpoint::encode(&tally, fingerprint());
             return Ok(Outcome::Stopped {
                 checkpoint: Some(checkpoint),
             });

@@ -1,5 +1,7 @@
 //! The market model and the portfolio's revaluation, a block of `LANES`
 //! paths at a time: every inner loop runs over the lanes, so it vectorises.
+//! The block functions are `#[inline(always)]`, so that each of `isa`'s
+//! versions of the loops that call them gets its own vectors.
 //!
 //! Path `p` draws words `p·D .. (p+1)·D` of the account's stream (`D` is the
 //! number of assets rounded up to even), turns them into standard normals,
@@ -141,6 +143,7 @@ impl Model {
     }
 
     /// Moves the market along `paths` of stream `key`, into `scratch`.
+    #[inline(always)]
     pub fn simulate(&self, key: u64, paths: &[u64; LANES], scratch: &mut Scratch) {
         let first: [u64; LANES] =
             std::array::from_fn(|lane| rng::state(key, paths[lane] * self.draws_per_path));
@@ -186,6 +189,7 @@ impl Model {
     }
 
     /// The portfolio's P&L on each path of the last `simulate`.
+    #[inline(always)]
     pub fn pnl(&self, scratch: &Scratch, pnl: &mut Lanes) {
         *pnl = [0.0; LANES];
         for (&weight, growth) in self.equity_weight.iter().zip(&scratch.growth) {
@@ -205,6 +209,7 @@ impl Model {
     }
 
     /// One position's P&L on each path of the last `simulate`.
+    #[inline(always)]
     pub fn position_pnl(&self, position: usize, scratch: &Scratch, pnl: &mut Lanes) {
         match self.holdings[position] {
             Holding::Equity { asset, weight } => {
@@ -260,6 +265,7 @@ impl Leg {
     }
 
     /// Value per unit at the horizon on each path.
+    #[inline(always)]
     fn values(&self, scratch: &Scratch, out: &mut Lanes) {
         let (moves, growth) = (&scratch.moves[self.asset], &scratch.growth[self.asset]);
         let sign = self.sign;

@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use super::{PortfolioKernel, demo_payload, math};
+use super::isa::Isa;
+use super::job::Job;
+use super::tally::Tally;
+use super::{PortfolioKernel, demo_payload, input, math, report};
 use crate::{Control, Kernel, KernelError, Outcome};
 
 const Z95: f64 = 1.644_853_626_951_472_2;
@@ -338,14 +341,49 @@ fn same_bits_on_one_thread_and_two() {
 }
 
 /// Fixed figures of one run: the same bits from a debug build, a release
-/// build for baseline x86-64, and one for AVX-512 (no libm, no FMA contraction,
-/// no reassociation: nothing depends on the machine).
+/// build, on x86-64 with or without AVX2 and AVX-512, and on arm64 (no libm,
+/// no FMA contraction, no reassociation: nothing depends on the machine).
 #[test]
 fn known_figures_to_the_last_bit() {
     let result = run(&with_paths(demo_payload("acme", 3), 2_000));
     assert_eq!(figure(&result, "/levels/1/var"), 1_056_347.171_522_688_8);
     assert_eq!(figure(&result, "/levels/1/es"), 1_165_754.865_432_491);
     assert_eq!(figure(&result, "/pnl/stdev"), 492_818.662_340_132_05);
+}
+
+/// The whole result, with the hot loops compiled for `isa`.
+fn run_on(isa: Isa, payload: &Value) -> String {
+    let spec = input::parse(payload, PortfolioKernel::DEFAULT_MAX_PATHS).expect("valid");
+    let job = Job::new(&spec, isa);
+    let mut tally = Tally::new(job.bins.count);
+    assert!(job.advance(&mut tally, &|| false));
+    report::report(&job, &tally).0.to_string()
+}
+
+/// Each instruction set this CPU has (AVX2, AVX-512 on x86-64) gives the
+/// baseline build's bits: the wider vectors run the same operations.
+#[test]
+fn every_instruction_set_gives_the_same_bits() {
+    let payloads = [("acme", 3, 2_000), ("globex", 8, 3_001), ("hooli", 1, 517)]
+        .map(|(account, seed, paths)| with_paths(demo_payload(account, seed), paths));
+    for payload in &payloads {
+        let baseline = run_on(Isa::baseline(), payload);
+        for isa in Isa::supported() {
+            assert_eq!(run_on(isa, payload), baseline, "{isa:?}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_instruction_set_gives_the_same_bits_on_any_portfolio(payload in portfolio()) {
+        let baseline = run_on(Isa::baseline(), &payload);
+        for isa in Isa::supported() {
+            prop_assert_eq!(run_on(isa, &payload), baseline.clone(), "{:?}", isa);
+        }
+    }
 }
 
 /// Runs `payload` to the end, stopping after `stops[i]` chunk starts in the
