@@ -12,7 +12,7 @@ use std::time::Instant;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use chrono::{Duration, Utc};
 use nightshift_core::aws::dynamodb::DynamoStore;
-use nightshift_core::ports::{PendingTasks, ResultRecorder, RunStore, TaskWriter};
+use nightshift_core::ports::{PendingTasks, ResultRecorder, RunStore, Sent, TaskWriter};
 use nightshift_core::{Blob, Launched, NewTask, TaskOutcome, TaskResult};
 use nightshift_e2e::Stack;
 use serde_json::{Value, json};
@@ -89,12 +89,16 @@ async fn a_report_of_twenty_thousand_tasks_is_served_page_by_page() {
     let ids: Vec<String> = ended.iter().map(|t| t.id.clone()).collect();
     store.stage("big", &ended).await.unwrap();
     store.commit("big", &ended).await.unwrap();
-    store.mark_queued(run_id, &ids).await.unwrap();
+    store
+        .mark_queued(run_id, &Sent::all(&ids, "sleep"))
+        .await
+        .unwrap();
     let results: Vec<TaskResult> = ids
         .iter()
         .map(|id| TaskResult {
             task_id: id.clone(),
             run_id: run_id.to_owned(),
+            kernel: "sleep".into(),
             instance_id: "i-big".into(),
             attempts: 1,
             started_at: now,

@@ -307,6 +307,7 @@ impl Stack {
         let duplicate = Envelope::Result(TaskResult {
             task_id: task_id.to_owned(),
             run_id: run_id.to_owned(),
+            kernel: "sleep".into(),
             instance_id: "i-0duplicate".into(),
             attempts: 9,
             started_at: Utc::now(),

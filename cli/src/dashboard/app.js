@@ -440,7 +440,13 @@ function showCurrent(run) {
   $('current-requests').textContent = fmtNum(run.fleet_requests);
   // Pending tasks the last dispatcher pass had no room for.
   $('current-waiting').textContent = run.waiting ? 'queued on the next pass' : 'none';
-  showProjection(progress, parseTime(run.deadline));
+  // Until the pace says, the dispatcher's plan does (from measured or
+  // assumed task lengths and the slots it has).
+  const plan = run.plan ?? null;
+  const projection = progress.projected_finish == null && plan != null ? plan : progress;
+  showProjection(projection, parseTime(run.deadline));
+  $('current-plan').textContent = plan == null ? '' : `Fleet plan (${plan.slots} slots): ${plan.reason}`;
+  $('current-plan').className = plan != null && plan.on_time === false ? 'late' : 'muted';
   showFleet(run.instances ?? []);
 }
 
@@ -475,7 +481,7 @@ function showFleet(instances) {
     el('td', { class: 'instance' }, text(inst.id)),
     el('td', {}, text(inst.instance_type)),
     el('td', {}, text(inst.zone)),
-    el('td', {}, text(inst.lifecycle)),
+    el('td', { title: inst.reason ?? '' }, text(inst.lifecycle)),
     el('td', {}, inst.ended_at == null ? badge('running') : badge('ended')),
     el('td', { class: 'num' }, fmtNum(inst.tasks)),
     el('td', { class: 'num' }, fmtPercent(utilisation(liveSeconds(inst), inst.slots)))));

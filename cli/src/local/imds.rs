@@ -1,5 +1,5 @@
 //! A local instance-metadata endpoint per emulated instance: IMDSv2's token
-//! handshake, the instance id, its profile role's credentials (the access
+//! handshake, the instance id and type, its profile role's credentials (the access
 //! key named after the role, as the local stack's proxy expects), and a
 //! spot interruption notice on request.
 
@@ -18,6 +18,7 @@ const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 #[derive(Clone)]
 struct Instance {
     id: String,
+    instance_type: String,
     /// Its `nightshift:run-id` tag (the launch template makes tags readable).
     run_id: Option<String>,
     /// The role of its instance profile.
@@ -35,12 +36,14 @@ pub struct MetadataEndpoint {
 impl MetadataEndpoint {
     pub async fn start(
         instance_id: &str,
+        instance_type: &str,
         run_id: Option<&str>,
         role: &str,
     ) -> std::io::Result<Self> {
         let interrupted = Arc::new(AtomicBool::new(false));
         let instance = Instance {
             id: instance_id.to_owned(),
+            instance_type: instance_type.to_owned(),
             run_id: run_id.map(str::to_owned),
             role: role.to_owned(),
             interrupted: interrupted.clone(),
@@ -50,6 +53,10 @@ impl MetadataEndpoint {
             .route(
                 "/latest/meta-data/instance-id",
                 get(|State(i): State<Instance>| async move { i.id }),
+            )
+            .route(
+                "/latest/meta-data/instance-type",
+                get(|State(i): State<Instance>| async move { i.instance_type }),
             )
             .route("/latest/meta-data/spot/instance-action", get(spot_action))
             .route(

@@ -59,6 +59,21 @@ impl Template {
             };
             return Ok(vec![self.substitute(text, names, resolved)?]);
         }
+        if let Some(select) = object.get("Fn::Select") {
+            let index = match &select[0] {
+                Value::Number(n) => n.as_u64(),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            };
+            // A list parameter resolves to its text, items joined by commas.
+            let items: Vec<String> = self
+                .strings(&select[1], resolved)?
+                .iter()
+                .flat_map(|s| s.split(',').map(str::to_owned).collect::<Vec<_>>())
+                .collect();
+            let item = index.and_then(|i| items.get(usize::try_from(i).ok()?));
+            return Ok(vec![item.cloned().ok_or_else(unresolved)?]);
+        }
         if let Some(join) = object.get("Fn::Join") {
             let separator = join[0].as_str().unwrap_or_default();
             return Ok(vec![self.strings(&join[1], resolved)?.join(separator)]);

@@ -247,6 +247,7 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
         dispatcher.launch_template_id,
         dispatcher.instance_types,
         dispatcher.subnet_ids,
+        dispatcher.settings.slots_per_instance,
     );
     let dispatch = Arc::new(DispatchPorts {
         store: store_for(&dispatcher_aws, &meter),

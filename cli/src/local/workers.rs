@@ -92,9 +92,9 @@ impl Supervisor {
         loop {
             match self.running_instances().await {
                 Ok(running) => {
-                    for (id, run_id) in &running {
+                    for (id, (run_id, instance_type)) in &running {
                         if seen.insert(id.clone()) {
-                            match self.start(id, run_id.as_deref()).await {
+                            match self.start(id, instance_type, run_id.as_deref()).await {
                                 Ok(worker) => {
                                     workers.insert(id.clone(), worker);
                                 }
@@ -129,9 +129,10 @@ impl Supervisor {
         }
     }
 
+    /// Each running worker instance: its run and its type.
     async fn running_instances(
         &self,
-    ) -> Result<HashMap<String, Option<String>>, aws_sdk_ec2::Error> {
+    ) -> Result<HashMap<String, (Option<String>, String)>, aws_sdk_ec2::Error> {
         let output = self
             .ec2
             .describe_instances()
@@ -160,13 +161,20 @@ impl Supervisor {
                     .iter()
                     .find(|t| t.key() == Some(nightshift_core::aws::ec2::RUN_TAG))
                     .and_then(|t| t.value().map(str::to_owned));
-                Some((i.instance_id()?.to_owned(), run))
+                let instance_type = i.instance_type()?.as_str().to_owned();
+                Some((i.instance_id()?.to_owned(), (run, instance_type)))
             })
             .collect())
     }
 
-    async fn start(&self, instance_id: &str, run_id: Option<&str>) -> std::io::Result<Worker> {
-        let metadata = MetadataEndpoint::start(instance_id, run_id, &self.role).await?;
+    async fn start(
+        &self,
+        instance_id: &str,
+        instance_type: &str,
+        run_id: Option<&str>,
+    ) -> std::io::Result<Worker> {
+        let metadata =
+            MetadataEndpoint::start(instance_id, instance_type, run_id, &self.role).await?;
         self.registry
             .set(instance_id, Some(metadata.interrupted.clone()));
         let mut worker = Worker {
@@ -208,7 +216,7 @@ impl Supervisor {
     fn stop_terminated(
         &self,
         workers: &mut HashMap<String, Worker>,
-        running: &HashMap<String, Option<String>>,
+        running: &HashMap<String, (Option<String>, String)>,
     ) {
         let gone: Vec<String> = workers
             .keys()

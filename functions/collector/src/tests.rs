@@ -2,7 +2,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use nightshift_core::fakes::MemoryStore;
 use nightshift_core::limits::RESULT_TOO_LARGE;
-use nightshift_core::ports::{PendingTasks, RunReader, RunStore, TaskReader, TaskWriter};
+use nightshift_core::ports::{PendingTasks, RunReader, RunStore, Sent, TaskReader, TaskWriter};
 use nightshift_core::{
     AttemptEvent, Blob, NewTask, TaskMessage, TaskOutcome, TaskResult, TaskStatus,
 };
@@ -38,7 +38,10 @@ async fn store_with_queued(tasks: &[&str]) -> MemoryStore {
         .await
         .unwrap();
     let ids: Vec<String> = tasks.iter().map(|t| (*t).to_owned()).collect();
-    store.mark_queued("r1", &ids).await.unwrap();
+    store
+        .mark_queued("r1", &Sent::all(&ids, "sleep"))
+        .await
+        .unwrap();
     store
 }
 
@@ -46,6 +49,7 @@ fn result(task: &str) -> Envelope {
     Envelope::Result(TaskResult {
         task_id: task.into(),
         run_id: "r1".into(),
+        kernel: "sleep".into(),
         instance_id: "i-0abc".into(),
         attempts: 1,
         started_at: Utc::now(),
@@ -192,7 +196,10 @@ async fn a_result_too_large_for_its_item_fails_its_task_and_the_run_can_end() {
         .await
         .unwrap();
     store
-        .mark_queued("r1", &["big".to_owned(), "small".to_owned()])
+        .mark_queued(
+            "r1",
+            &Sent::all(&["big".to_owned(), "small".to_owned()], "sleep"),
+        )
         .await
         .unwrap();
     let Envelope::Result(mut big) = result("big") else {

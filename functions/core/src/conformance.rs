@@ -22,8 +22,8 @@ use crate::model::{
     AttemptRecord, Blob, Idempotency, InstanceSeen, Launched, NewTask, SpotPrice, TaskStatus, Usage,
 };
 use crate::ports::{
-    AttemptKind, InsertOutcome, PendingTasks, RecordOutcome, ResultRecorder, RunStore, TaskReader,
-    TaskWriter,
+    AttemptKind, InsertOutcome, PendingTasks, RecordOutcome, ResultRecorder, RunStore, Sent,
+    TaskReader, TaskWriter,
 };
 
 /// Everything the suite exercises.
@@ -120,6 +120,7 @@ impl Suite<'_> {
         TaskResult {
             task_id: task.id.clone(),
             run_id: run_id.to_owned(),
+            kernel: task.kernel.clone(),
             instance_id: "i-conformance".into(),
             attempts: 1,
             started_at: at(0),
@@ -176,7 +177,10 @@ impl Suite<'_> {
         );
         // Leave nothing pending for the cases after this one.
         let run = self.open().await;
-        self.store.mark_queued(&run, &ids[..1]).await.unwrap();
+        self.store
+            .mark_queued(&run, &Sent::all(&ids[..1], "sleep"))
+            .await
+            .unwrap();
         self.store.close_run(&run, Utc::now()).await.unwrap();
     }
 
@@ -253,7 +257,10 @@ impl Suite<'_> {
         );
         let run = self.open().await;
         self.store
-            .mark_queued(&run, &[task.id.clone(), retry.id.clone()])
+            .mark_queued(
+                &run,
+                &Sent::all(&[task.id.clone(), retry.id.clone()], "sleep"),
+            )
             .await
             .unwrap();
         self.store.close_run(&run, Utc::now()).await.unwrap();
@@ -278,9 +285,17 @@ impl Suite<'_> {
         );
         let run = self.open().await;
         let ids: Vec<String> = expected.iter().cloned().collect();
-        let changed = self.store.mark_queued(&run, &ids).await.unwrap();
+        let changed = self
+            .store
+            .mark_queued(&run, &Sent::all(&ids, "sleep"))
+            .await
+            .unwrap();
         assert_eq!(changed.len(), 24);
-        let again = self.store.mark_queued(&run, &ids[..3]).await.unwrap();
+        let again = self
+            .store
+            .mark_queued(&run, &Sent::all(&ids[..3], "sleep"))
+            .await
+            .unwrap();
         assert!(again.is_empty(), "a task no longer pending is left alone");
         let counted = self.store.run(&run).await.unwrap().unwrap();
         assert_eq!(counted.queued, 24, "the counter moved once per task");
@@ -297,7 +312,10 @@ impl Suite<'_> {
         self.add(std::slice::from_ref(&early)).await;
         let run = self.open().await;
         let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
-        self.store.mark_queued(&run, &ids).await.unwrap();
+        self.store
+            .mark_queued(&run, &Sent::all(&ids, "sleep"))
+            .await
+            .unwrap();
         let workers = ["i-conformance", "i-other"].map(|id| Launched::new(id, at(0), None, None));
         assert!(
             self.store
@@ -389,7 +407,7 @@ impl Suite<'_> {
         assert_eq!(line.account, tasks[0].account);
         // The early task joins and ends; the run's last task too.
         self.store
-            .mark_queued(&run, std::slice::from_ref(&early.id))
+            .mark_queued(&run, &Sent::all(std::slice::from_ref(&early.id), "sleep"))
             .await
             .unwrap();
         let late = [
@@ -412,7 +430,10 @@ impl Suite<'_> {
         self.add(&[big.clone(), fine.clone()]).await;
         let run = self.open().await;
         self.store
-            .mark_queued(&run, &[big.id.clone(), fine.id.clone()])
+            .mark_queued(
+                &run,
+                &Sent::all(&[big.id.clone(), fine.id.clone()], "sleep"),
+            )
             .await
             .unwrap();
         let outcomes = self
@@ -449,7 +470,7 @@ impl Suite<'_> {
         self.add(std::slice::from_ref(&task)).await;
         let run = self.open().await;
         self.store
-            .mark_queued(&run, std::slice::from_ref(&task.id))
+            .mark_queued(&run, &Sent::all(std::slice::from_ref(&task.id), "sleep"))
             .await
             .unwrap();
         let event = |id: &str, error: Option<&str>| AttemptEvent {
@@ -592,7 +613,10 @@ impl Suite<'_> {
                 .unwrap(),
             "an expired lease is taken over"
         );
-        self.store.release_lease(&run, "late", true).await.unwrap();
+        self.store
+            .release_lease(&run, "late", true, None)
+            .await
+            .unwrap();
         assert!(
             self.store.run(&run).await.unwrap().unwrap().waiting,
             "the pass left work waiting"
@@ -704,7 +728,10 @@ impl Suite<'_> {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let run = self.open().await;
         let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
-        self.store.mark_queued(&run, &ids).await.unwrap();
+        self.store
+            .mark_queued(&run, &Sent::all(&ids, "sleep"))
+            .await
+            .unwrap();
         let mut read = Vec::new();
         let mut after = None;
         let mut pages = 0;

@@ -311,6 +311,8 @@ mod tests {
                 },
             ],
             usage: Usage::default(),
+            kernels: Vec::new(),
+            plan: None,
         }
     }
 

@@ -18,9 +18,10 @@ use crate::model::{
     AttemptRecord, InstanceSeen, Launched, NewTask, PendingTask, Run, RunState, SpotPrice, Task,
     TaskStatus, Usage, timestamp,
 };
+use crate::plan::{FleetPlan, Lifecycle};
 use crate::ports::{
     AttemptKind, BlobStore, Cursor, Fleet, InsertOutcome, Outgoing, Page, PendingTasks, Queue,
-    Received, RecordOutcome, ResultRecorder, RunReader, RunStore, TaskReader, TaskWriter,
+    Received, RecordOutcome, ResultRecorder, RunReader, RunStore, Sent, TaskReader, TaskWriter,
     WorkerInstance,
 };
 use crate::rules::{TaskChange, TaskFacts, staged_abandoned};
@@ -184,6 +185,25 @@ fn bump(state: &mut StoreState, run_id: &str, counter: impl FnOnce(&mut Run)) {
     if let Some(run) = state.runs.get_mut(run_id) {
         counter(run);
     }
+}
+
+/// A run's counters of one kernel, added when first moved.
+fn kernel_stats<'a>(run: &'a mut Run, kernel: &str) -> &'a mut crate::model::KernelStats {
+    let at = match run.kernels.iter().position(|k| k.kernel == kernel) {
+        Some(at) => at,
+        None => {
+            run.kernels.push(crate::model::KernelStats {
+                kernel: kernel.to_owned(),
+                ..Default::default()
+            });
+            run.kernels.sort_by(|a, b| a.kernel.cmp(&b.kernel));
+            run.kernels
+                .iter()
+                .position(|k| k.kernel == kernel)
+                .unwrap_or(0)
+        }
+    };
+    &mut run.kernels[at]
 }
 
 #[async_trait]
@@ -359,23 +379,33 @@ impl PendingTasks for MemoryStore {
         })
     }
 
-    async fn mark_queued(&self, run_id: &str, task_ids: &[String]) -> Result<Vec<String>, Error> {
+    async fn mark_queued(&self, run_id: &str, tasks: &[Sent]) -> Result<Vec<String>, Error> {
         network().await;
         self.faults.check("mark_queued")?;
         let mut state = lock(&self.state);
-        let changed: Vec<String> = task_ids
+        let changed: Vec<&Sent> = tasks
             .iter()
-            .filter(|id| {
-                Self::change(&mut state, id, &TaskChange::Queue, None, |stored| {
-                    stored.task.status = TaskStatus::Queued;
-                    stored.task.run_id = Some(run_id.to_owned());
-                })
+            .filter(|sent| {
+                Self::change(
+                    &mut state,
+                    &sent.task_id,
+                    &TaskChange::Queue,
+                    None,
+                    |stored| {
+                        stored.task.status = TaskStatus::Queued;
+                        stored.task.run_id = Some(run_id.to_owned());
+                    },
+                )
                 .is_ok()
             })
-            .cloned()
             .collect();
-        bump(&mut state, run_id, |run| run.queued += changed.len() as u64);
-        Ok(changed)
+        bump(&mut state, run_id, |run| {
+            run.queued += changed.len() as u64;
+            for sent in &changed {
+                kernel_stats(run, &sent.kernel).queued += 1;
+            }
+        });
+        Ok(changed.into_iter().map(|s| s.task_id.clone()).collect())
     }
 }
 
@@ -438,6 +468,11 @@ impl ResultRecorder for MemoryStore {
                             {
                                 instance.tasks += 1;
                                 instance.busy_ms += result.duration_ms();
+                            }
+                            if !result.kernel.is_empty() {
+                                let kernel = kernel_stats(run, &result.kernel);
+                                kernel.ended += 1;
+                                kernel.busy_ms += result.duration_ms();
                             }
                         });
                         if too_large {
@@ -602,6 +637,8 @@ impl RunStore for MemoryStore {
             waiting: false,
             spot_prices: Vec::new(),
             usage: Usage::default(),
+            kernels: Vec::new(),
+            plan: None,
         };
         state.runs.insert(run.id.clone(), run.clone());
         state.current = Some(run.id.clone());
@@ -635,12 +672,23 @@ impl RunStore for MemoryStore {
         Ok(true)
     }
 
-    async fn release_lease(&self, run_id: &str, owner: &str, waiting: bool) -> Result<(), Error> {
+    async fn release_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        waiting: bool,
+        plan: Option<&FleetPlan>,
+    ) -> Result<(), Error> {
         network().await;
         let mut state = lock(&self.state);
         if state.leases.get(run_id).is_some_and(|(o, _)| o == owner) {
             state.leases.remove(run_id);
-            bump(&mut state, run_id, |run| run.waiting = waiting);
+            bump(&mut state, run_id, |run| {
+                run.waiting = waiting;
+                if let Some(plan) = plan {
+                    run.plan = Some(plan.clone());
+                }
+            });
         }
         Ok(())
     }
@@ -896,10 +944,18 @@ impl BlobStore for MemoryBlobs {
     }
 }
 
-/// Spot capacity in memory: every launch succeeds; requests are kept.
-#[derive(Debug, Default)]
+/// EC2 capacity in memory: types with their slots, in order of
+/// preference; every launch succeeds unless spot is denied for a type;
+/// requests are kept. Its clock is the wall clock unless set.
+#[derive(Debug)]
 pub struct FakeFleet {
     state: Mutex<FleetState>,
+}
+
+impl Default for FakeFleet {
+    fn default() -> Self {
+        Self::with_types(&[("c7g.large", 2)])
+    }
 }
 
 #[derive(Debug)]
@@ -911,8 +967,8 @@ struct FakeInstance {
 }
 
 impl FakeInstance {
-    fn end(&mut self) {
-        self.ended_at = self.ended_at.or_else(|| Some(Utc::now()));
+    fn end(&mut self, now: DateTime<Utc>) {
+        self.ended_at = self.ended_at.or(Some(now));
     }
 }
 
@@ -922,23 +978,52 @@ pub const FAKE_SPOT_PRICE: f64 = 0.03;
 
 #[derive(Debug, Default)]
 struct FleetState {
+    types: Vec<(String, u32)>,
+    /// Spot capacity of a type is denied until then.
+    spot_denied_until: BTreeMap<String, DateTime<Utc>>,
+    clock: Option<DateTime<Utc>>,
     /// The next launch is made but its answer lost.
     lose_next_answer: bool,
     next: u32,
     instances: BTreeMap<String, FakeInstance>,
-    tokens: BTreeMap<String, Vec<Launched>>,
+    /// Each request's token: what it asked, what it launched.
+    tokens: BTreeMap<String, ((u32, Lifecycle), Vec<Launched>)>,
     terminated: Vec<String>,
 }
 
 impl FakeFleet {
+    /// A fleet of these types and their slots, the first preferred.
+    pub fn with_types(types: &[(&str, u32)]) -> Self {
+        Self {
+            state: Mutex::new(FleetState {
+                types: types.iter().map(|(t, s)| ((*t).to_owned(), *s)).collect(),
+                ..FleetState::default()
+            }),
+        }
+    }
+
+    /// Spot capacity of `instance_type` is denied until `until`.
+    pub fn deny_spot(&self, instance_type: &str, until: DateTime<Utc>) {
+        lock(&self.state)
+            .spot_denied_until
+            .insert(instance_type.to_owned(), until);
+    }
+
+    /// The fleet's clock from now on (launch times, ends).
+    pub fn set_clock(&self, now: DateTime<Utc>) {
+        lock(&self.state).clock = Some(now);
+    }
+
     pub fn launches(&self) -> usize {
         lock(&self.state).tokens.len()
     }
 
     /// An instance dies (spot reclaim, or its worker stopped it).
     pub fn lose(&self, instance_id: &str) {
-        if let Some(instance) = lock(&self.state).instances.get_mut(instance_id) {
-            instance.end();
+        let mut state = lock(&self.state);
+        let now = state.clock.unwrap_or_else(Utc::now);
+        if let Some(instance) = state.instances.get_mut(instance_id) {
+            instance.end(now);
         }
     }
 
@@ -981,12 +1066,18 @@ impl FakeFleet {
 
 #[async_trait]
 impl Fleet for FakeFleet {
-    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<Launched>, Error> {
+    async fn launch(
+        &self,
+        run_id: &str,
+        slots: u32,
+        lifecycle: Lifecycle,
+        token: &str,
+    ) -> Result<Vec<Launched>, Error> {
         network().await;
         let mut state = lock(&self.state);
-        if let Some(launched) = state.tokens.get(token) {
+        if let Some((request, launched)) = state.tokens.get(token) {
             // EC2 replays a token only for the same request.
-            if launched.len() != count as usize {
+            if *request != (slots, lifecycle) {
                 return Err(Error::permanent(
                     "CreateFleet",
                     "IdempotentParameterMismatch",
@@ -994,27 +1085,50 @@ impl Fleet for FakeFleet {
             }
             return Ok(launched.clone());
         }
-        let now = Utc::now();
+        let now = state.clock.unwrap_or_else(Utc::now);
+        let offered: Vec<(String, u32)> = state
+            .types
+            .iter()
+            .filter(|(t, _)| {
+                lifecycle == Lifecycle::OnDemand
+                    || state
+                        .spot_denied_until
+                        .get(t)
+                        .is_none_or(|until| *until <= now)
+            })
+            .cloned()
+            .collect();
         let mut launched = Vec::new();
-        for _ in 0..count {
-            state.next += 1;
-            let id = format!("i-{:08x}", state.next);
-            state.instances.insert(
-                id.clone(),
-                FakeInstance {
-                    run_id: run_id.to_owned(),
-                    launched_at: now,
-                    ended_at: None,
-                },
-            );
-            launched.push(Launched::new(
-                id,
-                now,
-                Some("c7g.large".into()),
-                Some("spot".into()),
-            ));
+        let mut filled = 0;
+        // Like EC2, fill the target with the preferred type offered, and
+        // overshoot rather than fall short.
+        if let Some((instance_type, weight)) = offered.first() {
+            while filled < slots {
+                state.next += 1;
+                let id = format!("i-{:08x}", state.next);
+                state.instances.insert(
+                    id.clone(),
+                    FakeInstance {
+                        run_id: run_id.to_owned(),
+                        launched_at: now,
+                        ended_at: None,
+                    },
+                );
+                launched.push(Launched {
+                    slots: *weight,
+                    ..Launched::new(
+                        id,
+                        now,
+                        Some(instance_type.clone()),
+                        Some(lifecycle.as_str().to_owned()),
+                    )
+                });
+                filled += weight.max(&1);
+            }
         }
-        state.tokens.insert(token.to_owned(), launched.clone());
+        state
+            .tokens
+            .insert(token.to_owned(), ((slots, lifecycle), launched.clone()));
         if std::mem::take(&mut state.lose_next_answer) {
             return Err(Error::transient("CreateFleet", "the answer was lost"));
         }
@@ -1040,9 +1154,10 @@ impl Fleet for FakeFleet {
     async fn terminate(&self, instance_ids: &[String]) -> Result<(), Error> {
         network().await;
         let mut state = lock(&self.state);
+        let now = state.clock.unwrap_or_else(Utc::now);
         for id in instance_ids {
             if let Some(instance) = state.instances.get_mut(id) {
-                instance.end();
+                instance.end(now);
             }
             state.terminated.push(id.clone());
         }

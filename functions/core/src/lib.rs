@@ -12,6 +12,7 @@ pub mod message;
 pub mod metrics;
 pub mod model;
 pub mod night;
+pub mod plan;
 pub mod ports;
 pub mod retry;
 pub mod rules;
@@ -26,6 +27,6 @@ pub mod fakes;
 pub use error::Error;
 pub use message::{AttemptEvent, Envelope, TaskMessage, TaskOutcome, TaskResult, UsageReport};
 pub use model::{
-    AttemptKind, AttemptRecord, Blob, InstanceSeen, Launched, NewTask, PendingTask, Progress, Run,
-    RunState, SpotPrice, Task, TaskStatus, Usage,
+    AttemptKind, AttemptRecord, Blob, InstanceSeen, KernelStats, Launched, NewTask, PendingTask,
+    Progress, Run, RunState, SpotPrice, Task, TaskStatus, Usage,
 };

@@ -103,6 +103,9 @@ pub struct TaskMessage {
 pub struct TaskResult {
     pub task_id: String,
     pub run_id: String,
+    /// The kernel that ran it (its run's per-kernel durations).
+    #[serde(default)]
+    pub kernel: String,
     pub instance_id: String,
     pub attempts: u32,
     pub started_at: DateTime<Utc>,

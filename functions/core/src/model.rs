@@ -262,6 +262,27 @@ pub struct Run {
     pub spot_prices: Vec<SpotPrice>,
     /// The AWS requests made for the run, as its components counted them.
     pub usage: Usage,
+    /// Per kernel: tasks queued, ended, and the kernel time they took.
+    pub kernels: Vec<KernelStats>,
+    /// What the dispatcher planned at its last pass.
+    pub plan: Option<crate::plan::FleetPlan>,
+}
+
+/// A kernel's tasks in a run: counters moved in the same transactions as
+/// the tasks, so the dispatcher plans from measured durations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KernelStats {
+    pub kernel: String,
+    pub queued: u64,
+    pub ended: u64,
+    /// Kernel time of the ended tasks.
+    pub busy_ms: u64,
+}
+
+impl KernelStats {
+    pub fn mean_ms(&self) -> Option<u64> {
+        (self.ended > 0).then(|| self.busy_ms / self.ended)
+    }
 }
 
 /// What AWS bills a run's requests by: counted inside the SDK by each
@@ -355,6 +376,8 @@ pub struct Launched {
     pub tasks: u64,
     /// The time its kernels took on them.
     pub busy_ms: u64,
+    /// Why the dispatcher launched it.
+    pub reason: Option<String>,
 }
 
 impl Launched {
@@ -374,6 +397,7 @@ impl Launched {
             slots: 1,
             tasks: 0,
             busy_ms: 0,
+            reason: None,
         }
     }
 }
@@ -443,6 +467,18 @@ impl Run {
         self.queued.saturating_sub(self.done + self.failed)
     }
 
+    /// What is left of each kernel's tasks, with its measured mean.
+    pub fn kernel_work(&self) -> Vec<crate::plan::KernelWork> {
+        self.kernels
+            .iter()
+            .map(|k| crate::plan::KernelWork {
+                kernel: k.kernel.clone(),
+                tasks: k.queued.saturating_sub(k.ended),
+                mean_ms: k.mean_ms(),
+            })
+            .collect()
+    }
+
     pub fn instance_ids(&self) -> impl Iterator<Item = &str> {
         self.instances.iter().map(|i| i.id.as_str())
     }
@@ -481,6 +517,8 @@ mod tests {
             waiting: false,
             spot_prices: Vec::new(),
             usage: Usage::default(),
+            kernels: Vec::new(),
+            plan: None,
         };
         let progress = run.progress(minutes(10));
         assert_eq!((progress.ended, progress.remaining), (100, 200));

@@ -11,6 +11,7 @@ use crate::Error;
 use crate::message::{AttemptEvent, TaskResult};
 pub use crate::model::AttemptKind;
 use crate::model::{InstanceSeen, Launched, NewTask, PendingTask, Run, SpotPrice, Task, Usage};
+use crate::plan::{FleetPlan, Lifecycle};
 
 /// Writes new tasks (ingest) in two steps, so that a request is written
 /// whole or not at all: [`TaskWriter::stage`] writes them STAGED (invisible
@@ -97,9 +98,30 @@ pub trait PendingTasks: Send + Sync {
         after: Option<&Cursor>,
     ) -> Result<Page<PendingTask>, Error>;
     /// PENDING → QUEUED for tasks whose messages were sent, and the run's
-    /// `queued` counter moved by the number that changed. Returns the ids
-    /// that changed; a task no longer PENDING is left alone.
-    async fn mark_queued(&self, run_id: &str, task_ids: &[String]) -> Result<Vec<String>, Error>;
+    /// `queued` counters (the run's and its kernel's) moved by the number
+    /// that changed. Returns the ids that changed; a task no longer PENDING
+    /// is left alone.
+    async fn mark_queued(&self, run_id: &str, tasks: &[Sent]) -> Result<Vec<String>, Error>;
+}
+
+/// A task whose message was sent: its id and its kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    pub task_id: String,
+    pub kernel: String,
+}
+
+impl Sent {
+    /// These tasks, all of one kernel.
+    pub fn all(task_ids: &[String], kernel: &str) -> Vec<Self> {
+        task_ids
+            .iter()
+            .map(|id| Self {
+                task_id: id.clone(),
+                kernel: kernel.to_owned(),
+            })
+            .collect()
+    }
 }
 
 /// Records what workers report (collector). Every method is idempotent: a
@@ -204,8 +226,14 @@ pub trait RunStore: RunReader {
     ) -> Result<bool, Error>;
     /// Gives the lease back, recording whether the pass left pending
     /// tasks behind for lack of room (so workers wait for them rather than
-    /// stop).
-    async fn release_lease(&self, run_id: &str, owner: &str, waiting: bool) -> Result<(), Error>;
+    /// stop) and the fleet plan it made.
+    async fn release_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        waiting: bool,
+        plan: Option<&FleetPlan>,
+    ) -> Result<(), Error>;
     /// Records the instances a fleet request launched; `request_number`
     /// must be the run's current `fleet_requests`, so a request is counted
     /// once. `false` if that request was already recorded.
@@ -285,9 +313,17 @@ pub struct WorkerInstance {
 /// Spot capacity (dispatcher).
 #[async_trait]
 pub trait Fleet: Send + Sync {
-    /// Launches up to `count` spot workers tagged with the run; `token`
-    /// makes a repeated request launch nothing new.
-    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<Launched>, Error>;
+    /// Launches workers tagged with the run, up to `slots` in all (each
+    /// type counting for its slots, see [`crate::plan::slots_of`]), spot
+    /// or on-demand; `token` makes a repeated request launch nothing new.
+    /// Each launched instance carries its slots.
+    async fn launch(
+        &self,
+        run_id: &str,
+        slots: u32,
+        lifecycle: Lifecycle,
+        token: &str,
+    ) -> Result<Vec<Launched>, Error>;
     /// This stack's workers, of every run, in every state EC2 still shows.
     async fn instances(&self) -> Result<Vec<WorkerInstance>, Error>;
     async fn terminate(&self, instance_ids: &[String]) -> Result<(), Error>;

@@ -11,7 +11,8 @@
 //!    (by cursor, never by a page's length), in SQS batches bounded by count
 //!    and bytes, each batch then marked QUEUED with the run's counter,
 //!    keeping at most `max_queued` tasks of the run in flight;
-//! 5. sizes the spot fleet from the backlog and launches what is missing;
+//! 5. plans the fleet against the run's deadline (see `plan`) and launches
+//!    what is missing, spot first, on-demand when spot falls short in time;
 //! 6. closes the run when nothing is pending and every queued task ended,
 //!    and removes the run's objects that no task holds.
 //!
@@ -28,8 +29,9 @@ use nightshift_core::config;
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::limits::sqs_batches;
 use nightshift_core::metrics::Emf;
+use nightshift_core::plan::{self, FleetPlan, Lifecycle, Policy, Workload};
 use nightshift_core::ports::{
-    BlobStore, Fleet, Outgoing, PendingTasks, Queue, RunStore, TaskReader, WorkerInstance,
+    BlobStore, Fleet, Outgoing, PendingTasks, Queue, RunStore, Sent, TaskReader, WorkerInstance,
 };
 use nightshift_core::{
     Blob, Envelope, InstanceSeen, Launched, PendingTask, Run, SpotPrice, TaskMessage,
@@ -67,6 +69,8 @@ pub struct Settings {
     pub stray_grace: Duration,
     /// The deadline of the runs the night's start opens.
     pub night: nightshift_core::night::NightWindow,
+    /// How the fleet is planned against the deadline.
+    pub plan: Policy,
 }
 
 /// The event the night's schedule sends (`{"action": "open-night"}`):
@@ -94,6 +98,9 @@ impl Config {
     pub fn from_env(env: &dyn config::Env) -> Result<Self, config::ConfigError> {
         let seconds =
             |name, default| config::parsed_or(env, name, default).map(Duration::from_secs);
+        let span = |name, default| seconds(name, default).map(span_of);
+        let max_instances = config::parsed_or(env, "NIGHTSHIFT_MAX_INSTANCES", 20)?;
+        let slots_per_instance = config::parsed_or(env, "NIGHTSHIFT_SLOTS_PER_INSTANCE", 2)?;
         Ok(Self {
             table: config::required(env, "NIGHTSHIFT_TABLE")?,
             bucket: config::required(env, "NIGHTSHIFT_BUCKET")?,
@@ -103,17 +110,29 @@ impl Config {
             subnet_ids: config::list(env, "NIGHTSHIFT_SUBNET_IDS"),
             memory_mb: config::parsed_or(env, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", 0)?,
             settings: Settings {
-                max_instances: config::parsed_or(env, "NIGHTSHIFT_MAX_INSTANCES", 20)?,
-                slots_per_instance: config::parsed_or(env, "NIGHTSHIFT_SLOTS_PER_INSTANCE", 2)?,
+                max_instances,
+                slots_per_instance,
                 max_queued: config::parsed_or(env, "NIGHTSHIFT_MAX_QUEUED", 2000)?,
                 pending_shards: config::parsed_or(env, "NIGHTSHIFT_PENDING_SHARDS", 8)?,
                 lease_ttl: seconds("NIGHTSHIFT_LEASE_SECONDS", 120)?,
                 max_lifetime: seconds("NIGHTSHIFT_MAX_LIFETIME_SECONDS", 43_200)?,
                 stray_grace: seconds("NIGHTSHIFT_STRAY_GRACE_SECONDS", 900)?,
                 night: config::night_window(env)?,
+                plan: Policy {
+                    prior_ms: config::parsed_or(env, "NIGHTSHIFT_PRIOR_TASK_SECONDS", 3600_u64)?
+                        .saturating_mul(1000),
+                    lead: span("NIGHTSHIFT_LAUNCH_LEAD_SECONDS", 240)?,
+                    margin: span("NIGHTSHIFT_DEADLINE_MARGIN_SECONDS", 1800)?,
+                    on_demand_within: span("NIGHTSHIFT_ON_DEMAND_WITHIN_SECONDS", 3600)?,
+                    max_slots: u64::from(max_instances) * u64::from(slots_per_instance.max(1)),
+                },
             },
         })
     }
+}
+
+fn span_of(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
 }
 
 /// The ports a pass uses.
@@ -129,7 +148,7 @@ pub struct Dispatcher<'a> {
 }
 
 /// What one pass did, returned by the function and logged.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
 pub struct Pass {
     pub run_id: Option<String>,
     /// Why the pass did nothing, when it did nothing.
@@ -144,6 +163,8 @@ pub struct Pass {
     pub closed: bool,
     /// Objects of the closed run that no task holds, removed.
     pub swept: usize,
+    /// The fleet the run needs, as this pass planned it.
+    pub plan: Option<FleetPlan>,
 }
 
 /// Index entries read per query.
@@ -219,7 +240,11 @@ impl Dispatcher<'_> {
             return Ok(pass);
         }
         let worked = self.work(&run, &instances, now, &mut pass).await;
-        if let Err(error) = self.runs.release_lease(&run.id, owner, pass.waiting).await {
+        if let Err(error) = self
+            .runs
+            .release_lease(&run.id, owner, pass.waiting, pass.plan.as_ref())
+            .await
+        {
             tracing::warn!(run_id = %run.id, error = %error, "could not release the lease; it expires");
         }
         worked.map(|()| pass)
@@ -236,7 +261,9 @@ impl Dispatcher<'_> {
         let room = usize::try_from(room).unwrap_or(usize::MAX);
         (pass.queued, pass.waiting) = self.queue_pending(&run.id, room).await?;
         let run = self.runs.run(&run.id).await?.unwrap_or_else(|| run.clone());
-        pass.launched = self.size_fleet(&run, instances, now).await?;
+        let (launched, plan) = self.size_fleet(&run, instances, now, pass.waiting).await?;
+        pass.launched = launched;
+        pass.plan = Some(plan);
         let running = instances
             .iter()
             .filter(|i| i.alive && i.run_id.as_deref() == Some(run.id.as_str()))
@@ -331,9 +358,13 @@ impl Dispatcher<'_> {
         tasks: Vec<PendingTask>,
         sent: &mut HashSet<String>,
     ) -> Result<usize, DispatchError> {
-        let messages: Vec<(String, String)> = tasks
+        let messages: Vec<(Sent, String)> = tasks
             .into_iter()
             .map(|task| {
+                let sent = Sent {
+                    task_id: task.id.clone(),
+                    kernel: task.kernel.clone(),
+                };
                 let body = Envelope::Task(TaskMessage {
                     task_id: task.id.clone(),
                     run_id: run_id.to_owned(),
@@ -344,7 +375,7 @@ impl Dispatcher<'_> {
                     prior_attempts: 0,
                 })
                 .to_json();
-                (task.id, body)
+                (sent, body)
             })
             .collect();
         let mut queued = 0;
@@ -363,16 +394,16 @@ impl Dispatcher<'_> {
                     // This batch can never be sent as it is; its tasks stay
                     // pending and the others go on.
                     tracing::error!(run_id, %error, tasks = batch.len(), "a batch was refused");
-                    sent.extend(batch.into_iter().map(|(id, _)| id));
+                    sent.extend(batch.into_iter().map(|(task, _)| task.task_id));
                     continue;
                 }
                 Err(error) => return Err(error.into()),
             };
-            let delivered: Vec<String> = batch
+            let delivered: Vec<Sent> = batch
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| !failed.contains(&i.to_string()))
-                .map(|(_, (id, _))| id)
+                .map(|(_, (task, _))| task)
                 .collect();
             if !failed.is_empty() {
                 tracing::warn!(
@@ -381,60 +412,111 @@ impl Dispatcher<'_> {
                     "some tasks were not sent; they stay pending"
                 );
             }
-            sent.extend(delivered.iter().cloned());
+            sent.extend(delivered.iter().map(|task| task.task_id.clone()));
             queued += self.pending.mark_queued(run_id, &delivered).await?.len();
         }
         Ok(queued)
     }
 
-    /// Launches workers for the backlog that the running ones cannot take.
-    /// An instance launched recently counts as running even before
-    /// `DescribeInstances` shows it.
+    /// Launches what the run's deadline needs (see [`plan`]): the least
+    /// slots that finish it in time, spot first, or on-demand when little
+    /// time is left; when spot gives less than asked and the run would be
+    /// late without the rest, the rest on-demand. Returns how many
+    /// instances it launched, and the plan to record.
     async fn size_fleet(
         &self,
         run: &Run,
         instances: &[WorkerInstance],
         now: DateTime<Utc>,
-    ) -> Result<usize, DispatchError> {
-        let slots = u64::from(self.settings.slots_per_instance.max(1));
-        let wanted = run
-            .in_flight()
-            .div_ceil(slots)
-            .min(u64::from(self.settings.max_instances));
-        let described: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
-        let visible = chrono::Duration::from_std(LAUNCH_VISIBILITY).unwrap_or_default();
-        let alive = instances
-            .iter()
-            .filter(|i| i.alive && i.run_id.as_deref() == Some(run.id.as_str()))
-            .count();
-        let not_shown_yet = run
-            .instances
-            .iter()
-            .filter(|l| now - l.launched_at < visible && !described.contains(l.id.as_str()))
-            .count();
-        let running = (alive + not_shown_yet) as u64;
-        if wanted <= running {
-            return Ok(0);
+        more_pending: bool,
+    ) -> Result<(usize, FleetPlan), DispatchError> {
+        let policy = &self.settings.plan;
+        let running = slots_running(run, instances, now, self.settings.slots_per_instance);
+        let load = Workload::of(&run.kernel_work(), policy.prior_ms);
+        let decision = plan::decide(&load, running, now, run.deadline, policy);
+        let mut reason = decision.reason.clone();
+        let mut added = 0;
+        let mut launched = 0;
+        if decision.slots > 0 {
+            let first = self
+                .launch(
+                    run,
+                    0,
+                    decision.slots,
+                    decision.lifecycle,
+                    &decision.reason,
+                    now,
+                )
+                .await?;
+            added += first.iter().map(|l| u64::from(l.slots)).sum::<u64>();
+            launched += first.len();
+            let short = decision.slots.saturating_sub(added);
+            let target = run.deadline - policy.margin;
+            let late = load
+                .finish(now, running, added, policy.lead)
+                .is_none_or(|at| at > target);
+            if short > 0 && decision.lifecycle == Lifecycle::Spot && late {
+                reason = format!(
+                    "spot gave {added} of {} slots; on-demand for the {short} more the deadline needs",
+                    decision.slots
+                );
+                let rest = self
+                    .launch(run, 1, short, Lifecycle::OnDemand, &reason, now)
+                    .await?;
+                added += rest.iter().map(|l| u64::from(l.slots)).sum::<u64>();
+                launched += rest.len();
+            }
         }
-        let count = u32::try_from(wanted - running).unwrap_or(u32::MAX);
-        // The count is part of the token: a request whose answer was lost
-        // and that is made again with another count is a new request, not
-        // a mismatch that would fail every later pass.
-        let token = format!("{}-{}-{count}", run.id, run.fleet_requests);
-        let mut launched = self.fleet.launch(&run.id, count, &token).await?;
+        let projected_finish = load.finish(now, running, added, policy.lead);
+        let on_time = projected_finish.is_some_and(|at| at <= run.deadline);
+        if !on_time {
+            // The phrase the template's metric filter counts (RunLateAlarm).
+            tracing::warn!(run_id = %run.id, deadline = %run.deadline, ?projected_finish, "run cannot meet its deadline");
+        }
+        let plan = FleetPlan {
+            at: now,
+            tasks_left: load.tasks,
+            work_ms: load.work_ms,
+            slots: running + added,
+            projected_finish,
+            on_time,
+            more_pending,
+            reason,
+        };
+        Ok((launched, plan))
+    }
+
+    /// One fleet request, the `nth` of this pass, recorded on the run with
+    /// why it was made.
+    async fn launch(
+        &self,
+        run: &Run,
+        nth: u32,
+        slots: u64,
+        lifecycle: Lifecycle,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Launched>, DispatchError> {
+        let request = run.fleet_requests + nth;
+        let slots = u32::try_from(slots).unwrap_or(u32::MAX);
+        // The request's number and size are part of the token: a request
+        // whose answer was lost and that is made again with another size
+        // is a new request, not a mismatch that would fail every later pass.
+        let token = format!("{}-{request}-{slots}-{}", run.id, lifecycle.as_str());
+        let mut launched = self.fleet.launch(&run.id, slots, lifecycle, &token).await?;
         for instance in &mut launched {
-            instance.slots = self.settings.slots_per_instance;
+            instance.reason = Some(reason.to_owned());
         }
         let prices = self.prices_to_record(run, &launched, now).await;
         if !self
             .runs
-            .record_fleet(&run.id, run.fleet_requests, &launched, &prices)
+            .record_fleet(&run.id, request, &launched, &prices)
             .await?
         {
-            tracing::warn!(run_id = %run.id, request = run.fleet_requests, "fleet request already recorded");
+            tracing::warn!(run_id = %run.id, request, "fleet request already recorded");
         }
-        tracing::info!(run_id = %run.id, requested = count, launched = launched.len(), "spot workers launched");
-        Ok(launched.len())
+        tracing::info!(run_id = %run.id, slots, lifecycle = lifecycle.as_str(), launched = launched.len(), reason, "workers launched");
+        Ok(launched)
     }
 
     /// The spot prices, in every zone, of the types just launched on spot
@@ -553,6 +635,31 @@ impl Dispatcher<'_> {
         self.fleet.terminate(&strays).await?;
         Ok(strays.len())
     }
+}
+
+/// The slots of the run's instances that EC2 shows running (one whose
+/// launch went unrecorded, its answer lost, has the first type's slots),
+/// and of those launched recently that it does not show yet.
+fn slots_running(
+    run: &Run,
+    instances: &[WorkerInstance],
+    now: DateTime<Utc>,
+    unrecorded_slots: u32,
+) -> u64 {
+    let visible = chrono::Duration::from_std(LAUNCH_VISIBILITY).unwrap_or_default();
+    let recorded = |id: &str| run.instances.iter().find(|l| l.id == id);
+    let shown: u64 = instances
+        .iter()
+        .filter(|i| i.alive && i.run_id.as_deref() == Some(run.id.as_str()))
+        .map(|i| u64::from(recorded(&i.id).map_or(unrecorded_slots, |l| l.slots)))
+        .sum();
+    let not_shown_yet: u64 = run
+        .instances
+        .iter()
+        .filter(|l| now - l.launched_at < visible && !instances.iter().any(|i| i.id == l.id))
+        .map(|l| u64::from(l.slots))
+        .sum();
+    shown + not_shown_yet
 }
 
 /// What EC2 shows of a run's recorded instances that the record lacks: a

@@ -32,6 +32,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         config.launch_template_id,
         config.instance_types,
         config.subnet_ids,
+        config.settings.slots_per_instance,
     );
     let blobs = S3Blobs::new(
         nightshift_core::aws::s3::metered_client(&aws, &meter),

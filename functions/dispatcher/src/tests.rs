@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use nightshift_core::fakes::{FakeFleet, MemoryBlobs, MemoryQueue, MemoryStore};
 use nightshift_core::night::NightWindow;
 use nightshift_core::ports::{
-    BlobStore, Cursor, Page, PendingTasks, RecordOutcome, ResultRecorder, RunReader, TaskWriter,
+    BlobStore, Cursor, Page, PendingTasks, RecordOutcome, ResultRecorder, RunReader, Sent,
+    TaskWriter,
 };
 use nightshift_core::{Blob, Envelope, NewTask, TaskOutcome, TaskResult, TaskStatus};
 use serde_json::{Value, json};
@@ -45,6 +46,15 @@ impl World {
                 max_lifetime: Duration::from_secs(3600),
                 stray_grace: Duration::from_secs(600),
                 night: NightWindow::parse("06:00", "Europe/London").unwrap(),
+                // Tasks of unknown length, assumed far too long for any
+                // night: every pass wants the most slots there is work for.
+                plan: Policy {
+                    prior_ms: 1_000 * 3_600_000,
+                    lead: chrono::Duration::minutes(4),
+                    margin: chrono::Duration::minutes(30),
+                    on_demand_within: chrono::Duration::zero(),
+                    max_slots: 6,
+                },
             },
         }
     }
@@ -112,6 +122,7 @@ impl World {
             .map(|t| TaskResult {
                 task_id: t.id.clone(),
                 run_id: run_id.to_owned(),
+                kernel: "sleep".into(),
                 instance_id: "i-1".into(),
                 attempts: 1,
                 started_at: Utc::now(),
@@ -236,7 +247,13 @@ impl RunStore for NoLease {
         tokio::task::yield_now().await;
         Ok(true)
     }
-    async fn release_lease(&self, _: &str, _: &str, _: bool) -> Result<(), nightshift_core::Error> {
+    async fn release_lease(
+        &self,
+        _: &str,
+        _: &str,
+        _: bool,
+        _: Option<&FleetPlan>,
+    ) -> Result<(), nightshift_core::Error> {
         Ok(())
     }
     async fn record_fleet(
@@ -421,9 +438,9 @@ impl PendingTasks for StaleIndex {
     async fn mark_queued(
         &self,
         run_id: &str,
-        ids: &[String],
+        tasks: &[Sent],
     ) -> Result<Vec<String>, nightshift_core::Error> {
-        self.0.mark_queued(run_id, ids).await
+        self.0.mark_queued(run_id, tasks).await
     }
 }
 
@@ -569,6 +586,7 @@ async fn closing_a_run_removes_the_objects_no_task_holds() {
     let result = TaskResult {
         task_id: "task-000".into(),
         run_id: run_id.clone(),
+        kernel: "sleep".into(),
         instance_id: "i-1".into(),
         attempts: 2,
         started_at: Utc::now(),
@@ -717,4 +735,229 @@ async fn launches_record_their_spot_prices_and_each_end_is_recorded_once() {
         cost.instances.iter().all(|i| i.usd.is_some()),
         "every instance has its price"
     );
+}
+
+/// A night on a compressed clock: a pass every five minutes from 22:00 to
+/// 06:00 (London, January), workers whose slots each take a queued task and
+/// end it after its kernel time, and an EC2 that denies spot for a while.
+struct Night {
+    world: World,
+    now: DateTime<Utc>,
+    /// Task id → (instance, when it ends), for the tasks running.
+    running: std::collections::BTreeMap<String, (String, DateTime<Utc>)>,
+    task_minutes: i64,
+}
+
+impl Night {
+    fn new(fleet: FakeFleet, max_instances: u32, task_minutes: i64) -> Self {
+        let mut world = World::new(5000);
+        world.fleet = Arc::new(fleet);
+        world.settings.max_instances = max_instances;
+        world.settings.max_lifetime = Duration::from_secs(12 * 3600);
+        world.settings.plan = Policy {
+            // An hour assumed until a result says otherwise.
+            prior_ms: 3_600_000,
+            lead: chrono::Duration::minutes(4),
+            margin: chrono::Duration::minutes(30),
+            on_demand_within: chrono::Duration::minutes(60),
+            max_slots: u64::from(max_instances) * 2,
+        };
+        let now = at("2026-01-09T22:00:00Z");
+        world.fleet.set_clock(now);
+        Self {
+            world,
+            now,
+            running: std::collections::BTreeMap::new(),
+            task_minutes,
+        }
+    }
+
+    /// One dispatcher pass, then five minutes of work.
+    async fn step(&mut self) -> Pass {
+        let pass = self
+            .world
+            .dispatcher()
+            .open_night(self.now, "d")
+            .await
+            .unwrap();
+        self.now += chrono::Duration::minutes(5);
+        self.world.fleet.set_clock(self.now);
+        self.work().await;
+        pass
+    }
+
+    /// Each slot of a booted, running instance ends its task when due and
+    /// takes the next queued one; a dead instance's tasks go back.
+    async fn work(&mut self) {
+        let run = self.world.store.current_run().await.unwrap();
+        let Some(run) = run else { return };
+        let alive: Vec<String> = self.world.fleet.active();
+        self.running
+            .retain(|_, (instance, _)| alive.contains(instance));
+        let due: Vec<TaskResult> = self
+            .running
+            .iter()
+            .filter(|(_, (_, ends))| *ends <= self.now)
+            .map(|(task, (instance, ends))| TaskResult {
+                task_id: task.clone(),
+                run_id: run.id.clone(),
+                kernel: "sleep".into(),
+                instance_id: instance.clone(),
+                attempts: 1,
+                started_at: *ends - chrono::Duration::minutes(self.task_minutes),
+                finished_at: *ends,
+                outcome: TaskOutcome::Done {
+                    result: Blob::json(&json!(1)),
+                    summary: "ok".into(),
+                },
+            })
+            .collect();
+        self.world.store.record_results(&due).await.unwrap();
+        for result in &due {
+            self.running.remove(&result.task_id);
+        }
+        let waiting: Vec<String> = self
+            .world
+            .store
+            .all_tasks()
+            .into_iter()
+            .filter(|t| t.status == TaskStatus::Queued && !self.running.contains_key(&t.id))
+            .map(|t| t.id)
+            .collect();
+        let mut waiting = waiting.into_iter();
+        let lead = chrono::Duration::minutes(4);
+        for launched in run.instances.iter().filter(|l| alive.contains(&l.id)) {
+            if launched.launched_at + lead > self.now {
+                continue;
+            }
+            let busy = self
+                .running
+                .values()
+                .filter(|(i, _)| *i == launched.id)
+                .count();
+            for _ in busy..launched.slots as usize {
+                let Some(task) = waiting.next() else { return };
+                let ends = self.now + chrono::Duration::minutes(self.task_minutes);
+                self.running.insert(task, (launched.id.clone(), ends));
+            }
+        }
+    }
+
+    async fn run(&self) -> Run {
+        let runs = self.world.store.runs_page(1, None).await.unwrap();
+        runs.items.into_iter().next().unwrap()
+    }
+}
+
+fn at(text: &str) -> DateTime<Utc> {
+    text.parse().unwrap()
+}
+
+/// 400 tasks of 30 minutes (200 slot-hours) on at most 40 slots, due at
+/// 06:00 (aimed at 05:30). Spot is denied for every type until 22:30 and
+/// for the preferred type all night; at 01:00 five workers are lost, which
+/// leaves too few. The run ends by its deadline on a mix of on-demand and
+/// spot, with fewer slots than allowed, and each launch says why.
+#[tokio::test]
+async fn a_night_with_spot_denied_meets_its_deadline_on_a_mix_and_says_why() {
+    let fleet = FakeFleet::with_types(&[("c7g.large", 2), ("c7g.xlarge", 4)]);
+    fleet.deny_spot("c7g.large", at("2026-01-10T12:00:00Z"));
+    fleet.deny_spot("c7g.xlarge", at("2026-01-09T22:30:00Z"));
+    let mut night = Night::new(fleet, 20, 30);
+    // Known from earlier nights: half an hour.
+    night.world.settings.plan.prior_ms = 30 * 60_000;
+    night.world.add_tasks(400).await;
+    let mut closed_at = None;
+    while night.now < at("2026-01-10T09:00:00Z") {
+        if night.now == at("2026-01-10T01:00:00Z") {
+            for lost in night.world.fleet.active().into_iter().take(5) {
+                night.world.fleet.lose(&lost);
+            }
+        }
+        let now = night.now;
+        let pass = night.step().await;
+        if pass.closed {
+            closed_at = Some(now);
+            break;
+        }
+    }
+    let run = night.run().await;
+    let closed_at = closed_at.expect("the run closed");
+    assert!(
+        closed_at <= run.deadline,
+        "closed at {closed_at}, due {}",
+        run.deadline
+    );
+    assert_eq!(run.done, 400);
+
+    let of = |lifecycle: &str| -> Vec<&Launched> {
+        run.instances
+            .iter()
+            .filter(|l| l.lifecycle.as_deref() == Some(lifecycle))
+            .collect()
+    };
+    let (on_demand, spot) = (of("on-demand"), of("spot"));
+    assert!(
+        !on_demand.is_empty() && !spot.is_empty(),
+        "{:?}",
+        run.instances
+    );
+    assert!(
+        on_demand.iter().all(|l| l
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("spot gave 0"))),
+        "{on_demand:?}"
+    );
+    assert!(
+        spot.iter()
+            .all(|l| l.instance_type.as_deref() == Some("c7g.xlarge") && l.slots == 4),
+        "spot found only the type it was not denied: {spot:?}"
+    );
+    // Sized by the deadline, not the backlog: the first pass launched
+    // fewer slots than the 40 allowed, and the night fewer than a fleet
+    // kept at 40 with the lost ones replaced.
+    let first: u32 = run
+        .instances
+        .iter()
+        .filter(|l| l.launched_at == at("2026-01-09T22:00:00Z"))
+        .map(|l| l.slots)
+        .sum();
+    assert!((20..40).contains(&first), "{first} slots at the first pass");
+    let slots: u32 = run.instances.iter().map(|l| l.slots).sum();
+    assert!(slots < 40 + 10, "{slots} slots launched");
+    assert!(run.instances.iter().all(|l| l.reason.is_some()));
+    let plan = run.plan.expect("the last pass recorded its plan");
+    assert!(plan.on_time);
+    // The tasks' measured length replaced the hour assumed.
+    assert_eq!(run.kernels[0].mean_ms(), Some(30 * 60_000));
+}
+
+/// 400 tasks of 30 minutes on at most 10 slots cannot end in 8 hours: the
+/// first pass says so, with the finish it projects.
+#[tokio::test]
+async fn a_night_that_cannot_meet_its_deadline_says_so_at_its_first_pass() {
+    let mut night = Night::new(FakeFleet::default(), 5, 30);
+    night.world.add_tasks(400).await;
+    let pass = night.step().await;
+    let plan = pass.plan.expect("a plan");
+    assert!(!plan.on_time);
+    assert!(plan.reason.contains("cannot end"), "{}", plan.reason);
+    assert_eq!(plan.slots, 10, "it takes every slot it may");
+    let run = night.run().await;
+    assert_eq!(run.plan.as_ref(), Some(&plan), "recorded on the run");
+    assert!(plan.projected_finish.is_some_and(|at| at > run.deadline));
+}
+
+/// Once the work left fits the slots running, no more are launched.
+#[tokio::test]
+async fn an_early_projection_launches_nothing_more() {
+    let mut night = Night::new(FakeFleet::default(), 20, 10);
+    night.world.add_tasks(40).await;
+    let first = night.step().await;
+    assert!(first.launched > 0);
+    for _ in 0..12 {
+        let pass = night.step().await;
+        assert_eq!(pass.launched, 0, "{:?}", pass.plan);
+    }
 }

@@ -435,7 +435,10 @@ async fn run_with_results(f: &Fixture) -> String {
         .collect();
     let (_, started) = call(&f.router, "POST", "/runs", "").await;
     let run_id = started["run"]["id"].as_str().unwrap().to_owned();
-    f.store.mark_queued(&run_id, &ids).await.unwrap();
+    f.store
+        .mark_queued(&run_id, &nightshift_core::ports::Sent::all(&ids, "sleep"))
+        .await
+        .unwrap();
     let now = chrono::Utc::now();
     let launched: Vec<nightshift_core::Launched> = ["i-a", "i-b"]
         .iter()
@@ -453,6 +456,7 @@ async fn run_with_results(f: &Fixture) -> String {
         .map(|(i, id)| nightshift_core::TaskResult {
             task_id: id.clone(),
             run_id: run_id.clone(),
+            kernel: "sleep".into(),
             instance_id: if i % 2 == 0 { "i-a" } else { "i-b" }.into(),
             attempts: 1,
             started_at: now,
@@ -681,9 +685,13 @@ async fn a_report_cell_that_a_spreadsheet_would_run_stays_text() {
     let id = created["task_ids"][0].as_str().unwrap().to_owned();
     let (_, started) = call(&f.router, "POST", "/runs", "").await;
     let run_id = started["run"]["id"].as_str().unwrap().to_owned();
-    nightshift_core::ports::PendingTasks::mark_queued(&*f.store, &run_id, &[id])
-        .await
-        .unwrap();
+    nightshift_core::ports::PendingTasks::mark_queued(
+        &*f.store,
+        &run_id,
+        &nightshift_core::ports::Sent::all(&[id], "sleep"),
+    )
+    .await
+    .unwrap();
     let (_, _, text) = call_raw(
         &f.router,
         &format!("/runs/{run_id}/report?format=csv"),

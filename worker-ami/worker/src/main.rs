@@ -45,9 +45,9 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
         .with_current_span(false)
         .with_span_list(true)
         .init();
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let metadata = Imds::new();
     let settings = Settings {
-        slots: config::parsed_or(&ProcessEnv, "NIGHTSHIFT_SLOTS", cpus)?.max(1),
+        slots: slots(&metadata).await?,
         idle: Duration::from_secs(config::parsed_or(
             &ProcessEnv,
             "NIGHTSHIFT_IDLE_SECONDS",
@@ -105,7 +105,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
             config::required(&ProcessEnv, "NIGHTSHIFT_TABLE")?,
             1,
         )),
-        metadata: Arc::new(Imds::new()),
+        metadata: Arc::new(metadata),
         usage: Arc::new(meter),
     };
 
@@ -131,4 +131,19 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The kernels this worker runs at once: `NIGHTSHIFT_SLOTS` on an instance
+/// of `NIGHTSHIFT_SLOTS_TYPE` (the fleet's first type), and on another type
+/// by its vCPUs, as the dispatcher counts it (`plan::slots_of`).
+async fn slots(metadata: &Imds) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let slots: usize = config::parsed_or(&ProcessEnv, "NIGHTSHIFT_SLOTS", cpus)?.max(1);
+    let reference = config::optional(&ProcessEnv, "NIGHTSHIFT_SLOTS_TYPE");
+    if reference.is_empty() {
+        return Ok(slots);
+    }
+    let own = metadata.instance_type().await?;
+    let reference_slots = u32::try_from(slots).unwrap_or(u32::MAX);
+    Ok(nightshift_core::plan::slots_of(&own, &reference, reference_slots) as usize)
 }

@@ -30,6 +30,15 @@ impl Imds {
 }
 
 impl Imds {
+    /// This instance's type (`c7g.xlarge`).
+    pub async fn instance_type(&self) -> Result<String, nightshift_core::Error> {
+        self.client
+            .get("/latest/meta-data/instance-type")
+            .await
+            .map(String::from)
+            .map_err(|e| nightshift_core::Error::transient("IMDS instance-type", e))
+    }
+
     /// A path that may not exist: 404 is the normal "no".
     async fn optional(&self, path: &'static str) -> Result<Option<String>, nightshift_core::Error> {
         match self.client.get(path).await {

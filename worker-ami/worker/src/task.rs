@@ -36,6 +36,7 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
         Envelope::Result(TaskResult {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),
+            kernel: task.kernel.clone(),
             instance_id: context.instance_id.clone(),
             attempts,
             started_at,

@@ -350,7 +350,10 @@ async fn an_idle_worker_waits_while_its_run_has_work_for_the_next_pass() {
             .await
             .unwrap()
     );
-    rig.runs.release_lease(&run.id, "d", true).await.unwrap();
+    rig.runs
+        .release_lease(&run.id, "d", true, None)
+        .await
+        .unwrap();
     let runs = rig.runs.clone();
     let worker = tokio::spawn(rig.worker().run(never()));
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -361,7 +364,7 @@ async fn an_idle_worker_waits_while_its_run_has_work_for_the_next_pass() {
             .await
             .unwrap()
     );
-    runs.release_lease("r1", "d", false).await.unwrap();
+    runs.release_lease("r1", "d", false, None).await.unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(30), worker)
         .await
         .unwrap()

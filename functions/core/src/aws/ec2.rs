@@ -1,5 +1,6 @@
-//! EC2 adapter of [`Fleet`]: instant spot fleets from the worker launch
-//! template, this stack's workers, and terminating them.
+//! EC2 adapter of [`Fleet`]: instant fleets (spot or on-demand) from the
+//! worker launch template, weighted by each type's slots; this stack's
+//! workers, and terminating them.
 
 use std::collections::BTreeMap;
 
@@ -16,8 +17,9 @@ pub fn metered_client(config: &aws_types::SdkConfig, meter: &crate::aws::meter::
 }
 use aws_sdk_ec2::types::{
     DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfigRequest,
-    FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest, FleetType,
-    InstanceStateName, InstanceType, ResourceType, SpotAllocationStrategy, SpotOptionsRequest, Tag,
+    FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest,
+    FleetOnDemandAllocationStrategy, FleetType, InstanceStateName, InstanceType,
+    OnDemandOptionsRequest, ResourceType, SpotAllocationStrategy, SpotOptionsRequest, Tag,
     TagSpecification, TargetCapacitySpecificationRequest,
 };
 use chrono::{DateTime, Utc};
@@ -25,6 +27,7 @@ use chrono::{DateTime, Utc};
 use super::classify;
 use crate::Error;
 use crate::model::{Launched, SpotPrice};
+use crate::plan::{Lifecycle, slots_of};
 use crate::ports::{Fleet, WorkerInstance};
 
 /// The tag that ties an instance to its run.
@@ -42,28 +45,47 @@ const TERMINATE_BATCH: usize = 1000;
 pub struct SpotFleet {
     client: Client,
     launch_template_id: String,
-    instance_types: Vec<String>,
+    /// Each type and the slots an instance of it has.
+    instance_types: Vec<(String, u32)>,
     subnet_ids: Vec<String>,
 }
 
 impl SpotFleet {
-    /// A fleet of these types, in these subnets (none: the default VPC's).
+    /// A fleet of these types, in these subnets (none: the default VPC's);
+    /// an instance of the first type has `slots`, the others by their
+    /// vCPUs.
     pub fn new(
         client: Client,
         launch_template_id: impl Into<String>,
         instance_types: Vec<String>,
         subnet_ids: Vec<String>,
+        slots: u32,
     ) -> Self {
+        let reference = instance_types.first().cloned().unwrap_or_default();
         Self {
             client,
             launch_template_id: launch_template_id.into(),
-            instance_types,
+            instance_types: instance_types
+                .into_iter()
+                .map(|t| {
+                    let weight = slots_of(&t, &reference, slots);
+                    (t, weight)
+                })
+                .collect(),
             subnet_ids,
         }
     }
 
-    /// Every type in every subnet, so that spot capacity is sought across
-    /// types and zones.
+    fn slots_of(&self, instance_type: Option<&str>) -> u32 {
+        self.instance_types
+            .iter()
+            .find(|(t, _)| Some(t.as_str()) == instance_type)
+            .or(self.instance_types.first())
+            .map_or(1, |(_, slots)| *slots)
+    }
+
+    /// Every type in every subnet, so that capacity is sought across types
+    /// and zones; each type weighs its slots, so the target is in slots.
     fn overrides(&self) -> Vec<FleetLaunchTemplateOverridesRequest> {
         let subnets: Vec<Option<&String>> = if self.subnet_ids.is_empty() {
             vec![None]
@@ -72,10 +94,11 @@ impl SpotFleet {
         };
         self.instance_types
             .iter()
-            .flat_map(|instance_type| {
+            .flat_map(|(instance_type, slots)| {
                 subnets.iter().map(move |subnet| {
                     FleetLaunchTemplateOverridesRequest::builder()
                         .instance_type(InstanceType::from(instance_type.as_str()))
+                        .weighted_capacity(f64::from(*slots))
                         .set_subnet_id(subnet.cloned())
                         .build()
                 })
@@ -91,7 +114,13 @@ fn time_of(at: Option<&aws_sdk_ec2::primitives::DateTime>) -> DateTime<Utc> {
 
 #[async_trait]
 impl Fleet for SpotFleet {
-    async fn launch(&self, run_id: &str, count: u32, token: &str) -> Result<Vec<Launched>, Error> {
+    async fn launch(
+        &self,
+        run_id: &str,
+        slots: u32,
+        lifecycle: Lifecycle,
+        token: &str,
+    ) -> Result<Vec<Launched>, Error> {
         let template = FleetLaunchTemplateConfigRequest::builder()
             .launch_template_specification(
                 FleetLaunchTemplateSpecificationRequest::builder()
@@ -101,6 +130,10 @@ impl Fleet for SpotFleet {
             )
             .set_overrides(Some(self.overrides()))
             .build();
+        let capacity_type = match lifecycle {
+            Lifecycle::Spot => DefaultTargetCapacityType::Spot,
+            Lifecycle::OnDemand => DefaultTargetCapacityType::OnDemand,
+        };
         let output = self
             .client
             .create_fleet()
@@ -108,13 +141,18 @@ impl Fleet for SpotFleet {
             .client_token(token)
             .target_capacity_specification(
                 TargetCapacitySpecificationRequest::builder()
-                    .total_target_capacity(i32::try_from(count).unwrap_or(i32::MAX))
-                    .default_target_capacity_type(DefaultTargetCapacityType::Spot)
+                    .total_target_capacity(i32::try_from(slots).unwrap_or(i32::MAX))
+                    .default_target_capacity_type(capacity_type)
                     .build(),
             )
             .spot_options(
                 SpotOptionsRequest::builder()
                     .allocation_strategy(SpotAllocationStrategy::PriceCapacityOptimized)
+                    .build(),
+            )
+            .on_demand_options(
+                OnDemandOptionsRequest::builder()
+                    .allocation_strategy(FleetOnDemandAllocationStrategy::LowestPrice)
                     .build(),
             )
             .launch_template_configs(template)
@@ -149,10 +187,11 @@ impl Fleet for SpotFleet {
             .flat_map(|group| {
                 let instance_type = group.instance_type().map(|t| t.as_str().to_owned());
                 let lifecycle = group.lifecycle().map(|l| l.as_str().to_owned());
-                group
-                    .instance_ids()
-                    .iter()
-                    .map(move |id| Launched::new(id, now, instance_type.clone(), lifecycle.clone()))
+                let slots = self.slots_of(instance_type.as_deref());
+                group.instance_ids().iter().map(move |id| Launched {
+                    slots,
+                    ..Launched::new(id, now, instance_type.clone(), lifecycle.clone())
+                })
             })
             .collect())
     }
@@ -297,6 +336,7 @@ mod tests {
             "lt-1",
             types.iter().map(|t| (*t).to_owned()).collect(),
             subnets.iter().map(|s| (*s).to_owned()).collect(),
+            2,
         )
     }
 

@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 
 use crate::Error;
 use crate::model::{
-    AttemptKind, AttemptRecord, Blob, Launched, Run, RunState, SpotPrice, Task, TaskStatus, Usage,
+    AttemptKind, AttemptRecord, Blob, KernelStats, Launched, Run, RunState, SpotPrice, Task,
+    TaskStatus, Usage,
 };
 use crate::rules::{TaskChange, TaskFacts};
 
@@ -72,6 +73,14 @@ pub(super) const INSTANCE_TASKS: &str = "instance_tasks";
 pub(super) const INSTANCE_BUSY_MS: &str = "instance_busy_ms";
 /// A map: the run's [`Usage`](crate::model::Usage), field by field.
 pub(super) const USAGE: &str = "usage";
+/// Per kernel: tasks queued, tasks ended, their kernel time (maps by kernel).
+pub(super) const KERNEL_QUEUED: &str = "kernel_queued";
+pub(super) const KERNEL_ENDED: &str = "kernel_ended";
+pub(super) const KERNEL_BUSY_MS: &str = "kernel_busy_ms";
+/// The dispatcher's last fleet plan (JSON text).
+pub(super) const PLAN: &str = "plan";
+/// Why an instance was launched.
+pub(super) const REASON: &str = "reason";
 /// Every run item has it, with the one value [`RUN_LIST_VALUE`]: the
 /// partition of the `runs` index, which lists runs by `started_at`.
 pub(super) const RUN_LIST: &str = "run_list";
@@ -367,6 +376,9 @@ pub(super) fn launched_value(launched: &Launched) -> AttributeValue {
         fields.insert(ZONE.to_owned(), s(zone));
     }
     fields.insert(SLOTS.to_owned(), num(u64::from(launched.slots)));
+    if let Some(reason) = &launched.reason {
+        fields.insert(REASON.to_owned(), s(reason));
+    }
     if let Some(ended_at) = launched.ended_at {
         fields.insert(ENDED_AT.to_owned(), s(&timestamp(ended_at)));
     }
@@ -400,6 +412,7 @@ fn launches_from_item(item: &Item) -> Result<Vec<Launched>, Error> {
                 slots: count(fields, SLOTS)?.max(1),
                 tasks: count_of(tasks_ended, id)?,
                 busy_ms: count_of(busy_ms, id)?,
+                reason: opt_s(fields, REASON),
             })
         })
         .collect::<Result<Vec<_>, Error>>()?;
@@ -440,7 +453,39 @@ pub(super) fn run_from_item(item: &Item) -> Result<Run, Error> {
                 })
             })
             .unwrap_or_default(),
+        kernels: kernels_from_item(item)?,
+        plan: opt_s(item, PLAN)
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| Error::malformed("run plan", e))?,
     })
+}
+
+fn kernels_from_item(item: &Item) -> Result<Vec<KernelStats>, Error> {
+    let map = |name| item.get(name).and_then(|v| v.as_m().ok());
+    let (queued, ended, busy_ms) = (map(KERNEL_QUEUED), map(KERNEL_ENDED), map(KERNEL_BUSY_MS));
+    let of = |map: Option<&Item>, kernel: &str| {
+        map.map_or(Ok(None), |m| opt_n(m, kernel))
+            .map(Option::unwrap_or_default)
+    };
+    let mut names: Vec<&String> = [queued, ended]
+        .into_iter()
+        .flatten()
+        .flat_map(|m| m.keys())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|kernel| {
+            Ok(KernelStats {
+                kernel: kernel.clone(),
+                queued: of(queued, kernel)?,
+                ended: of(ended, kernel)?,
+                busy_ms: of(busy_ms, kernel)?,
+            })
+        })
+        .collect()
 }
 
 /// A paging cursor from a `LastEvaluatedKey` (string attributes only, as

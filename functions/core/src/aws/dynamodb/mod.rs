@@ -35,7 +35,11 @@ use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, TransactWriteItem, Update, WriteRequest};
 
-use self::codec::{Item, task_key};
+use std::collections::BTreeMap;
+
+use self::codec::{
+    INSTANCE_BUSY_MS, INSTANCE_TASKS, Item, KERNEL_BUSY_MS, KERNEL_ENDED, KERNEL_QUEUED, task_key,
+};
 use super::{build_error, classify};
 use crate::Error;
 use crate::retry;
@@ -62,19 +66,39 @@ enum Transaction {
     Cancelled(Vec<Option<String>>),
 }
 
-/// What an instance ended of a run's tasks, counted on the run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Ended {
-    tasks: u64,
-    busy_ms: u64,
+/// What one write moves on a run: its counters, and entries of its
+/// counter maps (per instance, per kernel), summed by entry.
+#[derive(Debug, Default)]
+struct RunMove<'a> {
+    counters: BTreeMap<&'static str, u64>,
+    entries: BTreeMap<(&'static str, &'a str), u64>,
 }
 
-impl Ended {
-    fn of(result: &crate::message::TaskResult) -> Self {
-        Self {
-            tasks: 1,
-            busy_ms: result.duration_ms(),
+impl<'a> RunMove<'a> {
+    fn count(mut self, counter: &'static str, n: u64) -> Self {
+        *self.counters.entry(counter).or_default() += n;
+        self
+    }
+
+    /// Tasks of `kernel` queued.
+    fn queued(mut self, kernel: &'a str, n: u64) -> Self {
+        *self.entries.entry((KERNEL_QUEUED, kernel)).or_default() += n;
+        self
+    }
+
+    /// A result: its counter, and what its instance and its kernel ended.
+    fn ended(mut self, result: &'a crate::message::TaskResult, counter: &'static str) -> Self {
+        self = self.count(counter, 1);
+        let busy_ms = result.duration_ms();
+        let mut add = |map, key, n| *self.entries.entry((map, key)).or_default() += n;
+        add(INSTANCE_TASKS, result.instance_id.as_str(), 1);
+        add(INSTANCE_BUSY_MS, result.instance_id.as_str(), busy_ms);
+        // A result from before kernels were reported names none.
+        if !result.kernel.is_empty() {
+            add(KERNEL_ENDED, result.kernel.as_str(), 1);
+            add(KERNEL_BUSY_MS, result.kernel.as_str(), busy_ms);
         }
+        self
     }
 }
 

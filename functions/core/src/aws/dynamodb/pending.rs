@@ -6,11 +6,11 @@ use aws_sdk_dynamodb::types::TransactWriteItem;
 use chrono::Utc;
 
 use super::codec::*;
-use super::{CONDITION_FAILED, DynamoStore, Ended, TRANSACTION_ITEMS, Transaction};
+use super::{CONDITION_FAILED, DynamoStore, RunMove, TRANSACTION_ITEMS, Transaction};
 use crate::Error;
 use crate::aws::build_error;
 use crate::model::{PendingTask, TaskStatus};
-use crate::ports::{Cursor, Page, PendingTasks};
+use crate::ports::{Cursor, Page, PendingTasks, Sent};
 use crate::rules::TaskChange;
 
 impl DynamoStore {
@@ -37,42 +37,44 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().update(update).build())
     }
 
-    /// Moves the run's counters, and what each instance ended: its tasks
-    /// and the time its kernels took (maps by instance id).
+    /// Moves the run's counters and entries of its counter maps.
     pub(super) fn run_counter(
         &self,
         run_id: &str,
-        counters: &[(&'static str, u64)],
-        per_instance: &[(&str, Ended)],
+        moves: &RunMove<'_>,
     ) -> Result<TransactWriteItem, Error> {
-        let mut adds: Vec<String> = counters
-            .iter()
-            .map(|(name, _)| format!("#{name} :{name}"))
-            .collect();
-        let mut values: Item = counters
-            .iter()
-            .map(|(name, n)| (format!(":{name}"), num(*n)))
-            .collect();
-        let mut names: std::collections::HashMap<String, String> = counters
-            .iter()
-            .map(|(name, _)| (format!("#{name}"), (*name).to_owned()))
-            .collect();
-        for (i, (instance_id, ended)) in per_instance.iter().enumerate() {
-            adds.push(format!("#{INSTANCE_TASKS}.#i{i} :i{i}"));
-            adds.push(format!("#{INSTANCE_BUSY_MS}.#i{i} :b{i}"));
-            values.insert(format!(":i{i}"), num(ended.tasks));
-            values.insert(format!(":b{i}"), num(ended.busy_ms));
-            names.insert(format!("#i{i}"), (*instance_id).to_owned());
+        let mut adds = Vec::new();
+        let mut sets = Vec::new();
+        let mut values = Item::new();
+        let mut names = std::collections::HashMap::new();
+        for (name, n) in &moves.counters {
+            adds.push(format!("#{name} :{name}"));
+            values.insert(format!(":{name}"), num(*n));
+            names.insert(format!("#{name}"), (*name).to_owned());
         }
-        if !per_instance.is_empty() {
-            for name in [INSTANCE_TASKS, INSTANCE_BUSY_MS] {
-                names.insert(format!("#{name}"), name.to_owned());
-            }
+        // ADD takes top-level attributes only: an entry of a map is set to
+        // itself (or zero) plus the count, in the same single update.
+        for (i, ((map, key), n)) in moves.entries.iter().enumerate() {
+            let path = format!("#{map}.#k{i}");
+            sets.push(format!("{path} = if_not_exists({path}, :zero) + :k{i}"));
+            values.insert(format!(":k{i}"), num(*n));
+            names.insert(format!("#{map}"), (*map).to_owned());
+            names.insert(format!("#k{i}"), (*key).to_owned());
+        }
+        if !sets.is_empty() {
+            values.insert(":zero".to_owned(), num(0));
+        }
+        let mut expression = Vec::new();
+        if !sets.is_empty() {
+            expression.push(format!("SET {}", sets.join(", ")));
+        }
+        if !adds.is_empty() {
+            expression.push(format!("ADD {}", adds.join(", ")));
         }
         let update = aws_sdk_dynamodb::types::Update::builder()
             .table_name(&self.table)
             .set_key(Some(run_key(run_id)))
-            .update_expression(format!("ADD {}", adds.join(", ")))
+            .update_expression(expression.join(" "))
             .condition_expression("attribute_exists(pk)")
             .set_expression_attribute_names(Some(names))
             .set_expression_attribute_values(Some(values))
@@ -87,27 +89,32 @@ impl DynamoStore {
     async fn queue_group(
         &self,
         run_id: &str,
-        mut ids: Vec<String>,
+        mut tasks: Vec<&Sent>,
         now: &str,
     ) -> Result<Vec<String>, Error> {
-        while !ids.is_empty() {
-            let mut items = ids
+        while !tasks.is_empty() {
+            let mut items = tasks
                 .iter()
-                .map(|id| self.queue_update(run_id, id, now))
+                .map(|task| self.queue_update(run_id, &task.task_id, now))
                 .collect::<Result<Vec<_>, Error>>()?;
-            items.push(self.run_counter(run_id, &[(QUEUED, ids.len() as u64)], &[])?);
+            let moves = tasks.iter().fold(
+                RunMove::default().count(QUEUED, tasks.len() as u64),
+                |moves, task| moves.queued(&task.kernel, 1),
+            );
+            items.push(self.run_counter(run_id, &moves)?);
             let codes = match self.transact(items).await? {
-                Transaction::Committed => return Ok(ids),
+                Transaction::Committed => {
+                    return Ok(tasks.into_iter().map(|t| t.task_id.clone()).collect());
+                }
                 Transaction::Cancelled(codes) => codes,
             };
-            if codes.len() != ids.len() + 1 {
+            if codes.len() != tasks.len() + 1 {
                 // No reasons given: one at a time.
                 let mut queued = Vec::new();
-                for id in ids {
-                    if !self.queue_group_of_one(run_id, &id, now).await? {
-                        continue;
+                for task in tasks {
+                    if self.queue_group_of_one(run_id, task, now).await? {
+                        queued.push(task.task_id.clone());
                     }
-                    queued.push(id);
                 }
                 return Ok(queued);
             }
@@ -118,27 +125,33 @@ impl DynamoStore {
                 ));
             }
             let mut rest = Vec::new();
-            for (id, code) in ids.into_iter().zip(codes) {
+            for (task, code) in tasks.into_iter().zip(codes) {
                 match code.as_deref() {
-                    None => rest.push(id),
+                    None => rest.push(task),
                     Some(CONDITION_FAILED) => {} // no longer PENDING: left alone
                     Some(other) => {
                         return Err(Error::permanent(
                             "TransactWriteItems",
-                            format!("task {id} refused: {other}"),
+                            format!("task {} refused: {other}", task.task_id),
                         ));
                     }
                 }
             }
-            ids = rest;
+            tasks = rest;
         }
-        Ok(ids)
+        Ok(Vec::new())
     }
 
-    async fn queue_group_of_one(&self, run_id: &str, id: &str, now: &str) -> Result<bool, Error> {
+    async fn queue_group_of_one(
+        &self,
+        run_id: &str,
+        task: &Sent,
+        now: &str,
+    ) -> Result<bool, Error> {
+        let moves = RunMove::default().count(QUEUED, 1).queued(&task.kernel, 1);
         let items = vec![
-            self.queue_update(run_id, id, now)?,
-            self.run_counter(run_id, &[(QUEUED, 1)], &[])?,
+            self.queue_update(run_id, &task.task_id, now)?,
+            self.run_counter(run_id, &moves)?,
         ];
         Ok(self.transact(items).await? == Transaction::Committed)
     }
@@ -188,11 +201,14 @@ impl PendingTasks for DynamoStore {
         Ok(Page { items, next })
     }
 
-    async fn mark_queued(&self, run_id: &str, task_ids: &[String]) -> Result<Vec<String>, Error> {
+    async fn mark_queued(&self, run_id: &str, tasks: &[Sent]) -> Result<Vec<String>, Error> {
         let now = timestamp(Utc::now());
-        let mut changed = Vec::with_capacity(task_ids.len());
-        for chunk in task_ids.chunks(TRANSACTION_ITEMS - 1) {
-            changed.extend(self.queue_group(run_id, chunk.to_vec(), &now).await?);
+        let mut changed = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(TRANSACTION_ITEMS - 1) {
+            changed.extend(
+                self.queue_group(run_id, chunk.iter().collect(), &now)
+                    .await?,
+            );
         }
         Ok(changed)
     }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use super::codec::*;
 use super::{
-    CONDITION_FAILED, DynamoStore, Ended, Transaction, VALIDATION_ERROR, transaction_groups,
+    CONDITION_FAILED, DynamoStore, RunMove, Transaction, VALIDATION_ERROR, transaction_groups,
 };
 use crate::Error;
 use crate::aws::build_error;
@@ -26,14 +26,6 @@ const COUNTER_ROOM: usize = 10;
 /// Whether DynamoDB refused a write because an item would pass 400 KB.
 fn is_item_too_large(error: &Error) -> bool {
     matches!(error, Error::Permanent { reason, .. } if reason.contains("Item size"))
-}
-
-/// What a group of results moves on one run.
-#[derive(Default)]
-struct RunCounts<'a> {
-    done: u64,
-    failed: u64,
-    per_instance: BTreeMap<&'a str, Ended>,
 }
 
 /// The counter a result moves.
@@ -131,8 +123,7 @@ impl DynamoStore {
             self.result_update(result, None)?,
             self.run_counter(
                 &result.run_id,
-                &[(counter(&result.outcome), 1)],
-                &[(&result.instance_id, Ended::of(result))],
+                &RunMove::default().ended(result, counter(&result.outcome)),
             )?,
         ];
         // AWS names an item over 400 KB as a cancellation reason; the
@@ -159,11 +150,7 @@ impl DynamoStore {
     ) -> Result<RecordOutcome, Error> {
         let items = vec![
             self.result_update(result, Some(reason))?,
-            self.run_counter(
-                &result.run_id,
-                &[(FAILED, 1)],
-                &[(&result.instance_id, Ended::of(result))],
-            )?,
+            self.run_counter(&result.run_id, &RunMove::default().ended(result, FAILED))?,
         ];
         match self.transact(items).await? {
             Transaction::Committed => Ok(RecordOutcome::FailedInstead(reason.to_owned())),
@@ -185,32 +172,20 @@ impl DynamoStore {
     ) -> Result<(), Error> {
         let mut group: Vec<&TaskResult> = results.to_vec();
         while !group.is_empty() {
-            let mut counters: BTreeMap<&str, RunCounts> = BTreeMap::new();
+            let mut counters: BTreeMap<&str, RunMove> = BTreeMap::new();
             for result in &group {
-                let entry = counters.entry(result.run_id.as_str()).or_default();
-                match result.outcome {
-                    TaskOutcome::Done { .. } => entry.done += 1,
-                    TaskOutcome::Failed { .. } => entry.failed += 1,
-                }
-                let ended = entry.per_instance.entry(&result.instance_id).or_default();
-                ended.tasks += 1;
-                ended.busy_ms += result.duration_ms();
+                let moves = counters.remove(result.run_id.as_str()).unwrap_or_default();
+                counters.insert(
+                    &result.run_id,
+                    moves.ended(result, counter(&result.outcome)),
+                );
             }
             let mut items = group
                 .iter()
                 .map(|r| self.result_update(r, None))
                 .collect::<Result<Vec<_>, Error>>()?;
-            for (run_id, counts) in &counters {
-                let per_instance: Vec<(&str, Ended)> = counts
-                    .per_instance
-                    .iter()
-                    .map(|(id, n)| (*id, *n))
-                    .collect();
-                items.push(self.run_counter(
-                    run_id,
-                    &[(DONE, counts.done), (FAILED, counts.failed)],
-                    &per_instance,
-                )?);
+            for (run_id, moves) in &counters {
+                items.push(self.run_counter(run_id, moves)?);
             }
             let codes = match self.transact(items).await {
                 Ok(Transaction::Committed) => {
@@ -425,7 +400,7 @@ impl ResultRecorder for DynamoStore {
         )?;
         let items = vec![
             TransactWriteItem::builder().update(update).build(),
-            self.run_counter(run_id, &[(FAILED, 1)], &[])?,
+            self.run_counter(run_id, &RunMove::default().count(FAILED, 1))?,
         ];
         match self.transact(items).await? {
             Transaction::Committed => Ok(RecordOutcome::Recorded),

@@ -13,6 +13,7 @@ use super::{DynamoStore, Transaction};
 use crate::Error;
 use crate::aws::build_error;
 use crate::model::{InstanceSeen, Launched, Run, RunState, SpotPrice};
+use crate::plan::FleetPlan;
 use crate::ports::{Cursor, Page, RunReader, RunStore};
 
 #[async_trait]
@@ -76,6 +77,9 @@ impl RunStore for DynamoStore {
             (SPOT_PRICES.to_owned(), AttributeValue::M(HashMap::new())),
             (INSTANCE_TASKS.to_owned(), AttributeValue::M(HashMap::new())),
             (USAGE.to_owned(), AttributeValue::M(HashMap::new())),
+            (KERNEL_QUEUED.to_owned(), AttributeValue::M(HashMap::new())),
+            (KERNEL_ENDED.to_owned(), AttributeValue::M(HashMap::new())),
+            (KERNEL_BUSY_MS.to_owned(), AttributeValue::M(HashMap::new())),
             (
                 INSTANCE_BUSY_MS.to_owned(),
                 AttributeValue::M(HashMap::new()),
@@ -124,18 +128,31 @@ impl RunStore for DynamoStore {
         .await
     }
 
-    async fn release_lease(&self, run_id: &str, owner: &str, waiting: bool) -> Result<(), Error> {
+    async fn release_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        waiting: bool,
+        plan: Option<&FleetPlan>,
+    ) -> Result<(), Error> {
+        let mut values = HashMap::from([
+            (":owner".into(), s(owner)),
+            (":waiting".into(), AttributeValue::Bool(waiting)),
+        ]);
+        let mut sets = "SET #waiting = :waiting";
+        if let Some(plan) = plan {
+            let text = serde_json::to_string(plan).map_err(|e| Error::malformed("plan", e))?;
+            values.insert(":plan".into(), s(&text));
+            sets = "SET #waiting = :waiting, #plan = :plan";
+        }
         // A refusal means the lease expired and was taken over: nothing of
         // ours is left to release.
         self.conditional_update(self.update(
             run_key(run_id),
-            "SET #waiting = :waiting REMOVE #lease_owner, #lease_until",
+            &format!("{sets} REMOVE #lease_owner, #lease_until"),
             Some("#lease_owner = :owner"),
-            &[LEASE_OWNER, LEASE_UNTIL, WAITING],
-            HashMap::from([
-                (":owner".into(), s(owner)),
-                (":waiting".into(), AttributeValue::Bool(waiting)),
-            ]),
+            &[LEASE_OWNER, LEASE_UNTIL, WAITING, PLAN][..if plan.is_some() { 4 } else { 3 }],
+            values,
         )?)
         .await?;
         Ok(())

@@ -17,7 +17,7 @@ use super::codec::*;
 use super::*;
 use crate::message::{TaskOutcome, TaskResult};
 use crate::model::{Blob, NewTask};
-use crate::ports::{PendingTasks, RecordOutcome, ResultRecorder, TaskWriter};
+use crate::ports::{PendingTasks, RecordOutcome, ResultRecorder, Sent, TaskWriter};
 
 fn cancelled(codes: &[&str]) -> TransactWriteItemsError {
     let reasons = codes
@@ -40,6 +40,7 @@ fn result(task_id: &str) -> TaskResult {
     TaskResult {
         task_id: task_id.into(),
         run_id: "r1".into(),
+        kernel: "sleep".into(),
         instance_id: "i-1".into(),
         attempts: 1,
         started_at: Utc::now(),
@@ -118,7 +119,10 @@ async fn tasks_no_longer_pending_are_dropped_and_the_rest_queued_with_one_counte
     let client = mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&rule]);
     let store = DynamoStore::new(client, "t", 4);
     let ids = ["a", "b", "c"].map(str::to_owned);
-    let changed = store.mark_queued("r1", &ids).await.unwrap();
+    let changed = store
+        .mark_queued("r1", &Sent::all(&ids, "sleep"))
+        .await
+        .unwrap();
     assert_eq!(changed, vec!["a".to_owned(), "c".to_owned()]);
     assert_eq!(rule.num_calls(), 2);
 }
@@ -128,18 +132,27 @@ async fn one_transaction_queues_a_batch_with_its_run_counter() {
     let rule = mock!(Client::transact_write_items)
         .match_requests(|r| {
             let items = r.transact_items();
-            // 10 task updates and the run's counter.
-            items.len() == 11
-                && items
-                    .last()
-                    .and_then(|i| i.update())
-                    .is_some_and(|u| u.update_expression() == "ADD #queued :queued")
+            // 10 task updates and the run's counters: its own and its kernel's.
+            items.len() == 11 && items.last().and_then(|i| i.update()).is_some_and(|u| {
+                u.update_expression()
+                    == "SET #kernel_queued.#k0 = if_not_exists(#kernel_queued.#k0, :zero) + :k0 \
+                            ADD #queued :queued"
+                    && u.expression_attribute_names().and_then(|n| n.get("#k0"))
+                        == Some(&"sleep".to_owned())
+            })
         })
         .then_output(committed);
     let client = mock_client!(aws_sdk_dynamodb, [&rule]);
     let store = DynamoStore::new(client, "t", 4);
     let ids: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
-    assert_eq!(store.mark_queued("r1", &ids).await.unwrap().len(), 10);
+    assert_eq!(
+        store
+            .mark_queued("r1", &Sent::all(&ids, "sleep"))
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
     assert_eq!(rule.num_calls(), 1);
 }
 
