@@ -193,9 +193,12 @@ impl RunStore for DynamoStore {
         if !prices.is_empty() {
             update = update.expression_attribute_names(format!("#{SPOT_PRICES}"), SPOT_PRICES);
         }
-        for name in [FLEET_REQUESTS, INSTANCES] {
-            update = update.expression_attribute_names(format!("#{name}"), name);
+        // DynamoDB refuses a name the expressions do not use: a request
+        // that launched nothing records only its number.
+        if !launched.is_empty() {
+            update = update.expression_attribute_names(format!("#{INSTANCES}"), INSTANCES);
         }
+        update = update.expression_attribute_names(format!("#{FLEET_REQUESTS}"), FLEET_REQUESTS);
         let update = update.build().map_err(|e| build_error("Update", e))?;
         self.conditional_update(update).await
     }
