@@ -76,6 +76,14 @@ impl SpotFleet {
         }
     }
 
+    /// The fleet's target for `slots`: a whole number of the first type's
+    /// instances. EC2 would round up itself; asking it in whole instances
+    /// keeps every implementation of `CreateFleet` from rounding down.
+    fn target(&self, slots: u32) -> u32 {
+        let first = self.slots_of(None).max(1);
+        slots.div_ceil(first).saturating_mul(first)
+    }
+
     fn slots_of(&self, instance_type: Option<&str>) -> u32 {
         self.instance_types
             .iter()
@@ -141,7 +149,7 @@ impl Fleet for SpotFleet {
             .client_token(token)
             .target_capacity_specification(
                 TargetCapacitySpecificationRequest::builder()
-                    .total_target_capacity(i32::try_from(slots).unwrap_or(i32::MAX))
+                    .total_target_capacity(i32::try_from(self.target(slots)).unwrap_or(i32::MAX))
                     .default_target_capacity_type(capacity_type)
                     .build(),
             )
@@ -353,6 +361,26 @@ mod tests {
         );
         assert_eq!(at(""), None);
         assert_eq!(at("Server.SpotInstanceTermination"), None);
+    }
+
+    #[test]
+    fn types_weigh_their_slots_and_the_target_is_whole_instances() {
+        let fleet = SpotFleet::new(
+            fleet(&[], &[]).client,
+            "lt-1",
+            vec!["c7g.large".into(), "c7g.xlarge".into()],
+            Vec::new(),
+            3,
+        );
+        let weights: Vec<Option<f64>> = fleet
+            .overrides()
+            .iter()
+            .map(|o| o.weighted_capacity())
+            .collect();
+        assert_eq!(weights, [Some(3.0), Some(6.0)]);
+        assert_eq!(fleet.target(1), 3);
+        assert_eq!(fleet.target(4), 6);
+        assert_eq!(fleet.target(6), 6);
     }
 
     #[test]
