@@ -281,9 +281,12 @@ fn settled(outcome: &RecordOutcome) -> bool {
     match outcome {
         RecordOutcome::Recorded
         | RecordOutcome::FailedInstead(_)
+        | RecordOutcome::Late
         | RecordOutcome::Duplicate
         | RecordOutcome::Unknown => true,
-        RecordOutcome::NotYetQueued => false,
+        // A store never answers CancelledFirst (it keeps the result as
+        // late); were one to, the result is delivered again.
+        RecordOutcome::NotYetQueued | RecordOutcome::CancelledFirst => false,
     }
 }
 

@@ -59,6 +59,9 @@ pub async fn run_all(store: &dyn Store, shards: u32) {
         .one_run_opens_and_one_dispatcher_holds_its_lease_however_many_race()
         .await;
     suite.runs_and_their_tasks_are_read_page_by_page().await;
+    suite
+        .a_cancel_ends_pending_and_queued_tasks_once_and_keeps_late_results()
+        .await;
 }
 
 struct Suite<'a> {
@@ -116,6 +119,102 @@ impl Suite<'_> {
         found
     }
 
+    async fn a_cancel_ends_pending_and_queued_tasks_once_and_keeps_late_results(&self) {
+        let tasks: Vec<NewTask> = (0..4)
+            .map(|i| self.task(&format!("cancel-{i}"), json!({"seconds": 0})))
+            .collect();
+        self.add(&tasks).await;
+        let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+        let run = self.open().await;
+        // 0 and 1 queued, 2 queued and done, 3 still pending.
+        self.store
+            .mark_queued(&run, &Sent::all(&ids[..3], "sleep"))
+            .await
+            .unwrap();
+        let done = self.result(&tasks[2], &run, Self::done(json!(2)));
+        self.store.record_results(&[done]).await.unwrap();
+        // The kernel's counters, and a plan, as the dispatcher reads them.
+        let counted = self.store.run(&run).await.unwrap().unwrap();
+        assert_eq!(
+            counted.kernels,
+            vec![crate::model::KernelStats {
+                kernel: "sleep".into(),
+                queued: 3,
+                ended: 1,
+                busy_ms: 2000,
+            }]
+        );
+        let plan = crate::plan::FleetPlan {
+            at: at(5),
+            tasks_left: 2,
+            work_ms: 4000,
+            slots: 2,
+            projected_finish: Some(at(9)),
+            on_time: true,
+            more_pending: false,
+            reason: "2 slots finish 2 tasks".into(),
+        };
+        let lease = std::time::Duration::from_secs(60);
+        assert!(
+            self.store
+                .acquire_lease(&run, "plan", at(5), lease)
+                .await
+                .unwrap()
+        );
+        self.store
+            .release_lease(&run, "plan", false, Some(&plan))
+            .await
+            .unwrap();
+        let planned = self.store.run(&run).await.unwrap().unwrap();
+        assert_eq!(planned.plan, Some(plan));
+
+        assert!(self.store.cancel_run(&run, at(10)).await.unwrap());
+        assert!(!self.store.cancel_run(&run, at(11)).await.unwrap(), "once");
+        let mut changed = self.store.cancel_tasks(&run, &ids, at(12)).await.unwrap();
+        changed.sort();
+        assert_eq!(
+            changed,
+            vec![ids[0].clone(), ids[1].clone(), ids[3].clone()]
+        );
+        assert!(
+            self.store
+                .cancel_tasks(&run, &ids, at(13))
+                .await
+                .unwrap()
+                .is_empty(),
+            "a task cancelled or ended is left alone"
+        );
+
+        // A result that comes after the cancel is kept, once, as late.
+        let late = self.result(&tasks[0], &run, Self::done(json!(7)));
+        let outcomes = self
+            .store
+            .record_results(std::slice::from_ref(&late))
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![RecordOutcome::Late]);
+        let again = self.store.record_results(&[late]).await.unwrap();
+        assert_eq!(again, vec![RecordOutcome::Duplicate]);
+        let kept = self.store.task(&ids[0]).await.unwrap().unwrap();
+        assert_eq!(kept.status, TaskStatus::Cancelled);
+        assert_eq!(kept.summary.as_deref(), Some("ok"));
+        assert_eq!(kept.instance_id.as_deref(), Some("i-conformance"));
+        let pending = self.store.task(&ids[3]).await.unwrap().unwrap();
+        assert_eq!(
+            (pending.status, pending.run_id.as_deref()),
+            (TaskStatus::Cancelled, Some(run.as_str()))
+        );
+        let counted = self.store.run(&run).await.unwrap().unwrap();
+        assert_eq!(counted.state, crate::model::RunState::Cancelled);
+        assert_eq!((counted.done, counted.cancelled, counted.late), (1, 3, 1));
+        // It stays current until released, so no run opens meanwhile.
+        let current = self.store.current_run().await.unwrap();
+        assert_eq!(current.map(|r| r.id), Some(run.clone()));
+        self.store.release_run(&run).await.unwrap();
+        let current = self.store.current_run().await.unwrap();
+        assert_ne!(current.map(|r| r.id), Some(run));
+    }
+
     fn result(&self, task: &NewTask, run_id: &str, outcome: TaskOutcome) -> TaskResult {
         TaskResult {
             task_id: task.id.clone(),
@@ -140,6 +239,7 @@ impl Suite<'_> {
     async fn open(&self) -> String {
         if let Some(run) = self.store.current_run().await.unwrap() {
             self.store.close_run(&run.id, Utc::now()).await.unwrap();
+            self.store.release_run(&run.id).await.unwrap();
         }
         let id = format!("{}-run-{}", self.tag, uuid::Uuid::new_v4().simple());
         let (run, created) = self

@@ -293,6 +293,8 @@ mod tests {
             queued: 0,
             done: 0,
             failed: 0,
+            cancelled: 0,
+            late: 0,
             instances,
             fleet_requests: 1,
             waiting: false,

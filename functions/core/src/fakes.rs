@@ -181,6 +181,46 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// A result for a task its run cancelled first, kept on it as late.
+    fn record_late(state: &mut StoreState, result: &TaskResult) -> RecordOutcome {
+        let late = TaskChange::RecordLate {
+            run_id: &result.run_id,
+        };
+        let kept = Self::change(
+            state,
+            &result.task_id,
+            &late,
+            Some(crate::rules::LATE_RESULT),
+            |stored| {
+                stored
+                    .seen_events
+                    .insert(crate::rules::LATE_RESULT.to_owned());
+                let task = &mut stored.task;
+                task.instance_id = Some(result.instance_id.clone());
+                task.attempts = result.attempts;
+                task.started_at = Some(result.started_at);
+                task.finished_at = Some(result.finished_at);
+                task.duration_ms = Some(result.duration_ms());
+                match &result.outcome {
+                    TaskOutcome::Done { result, summary } => {
+                        task.result = Some(result.clone());
+                        task.summary = Some(summary.clone());
+                    }
+                    TaskOutcome::Failed { error } => task.last_error = Some(error.clone()),
+                }
+            },
+        );
+        match kept {
+            Ok(()) => {
+                bump(state, &result.run_id, |run| run.late += 1);
+                RecordOutcome::Late
+            }
+            Err(outcome) => outcome,
+        }
+    }
+}
+
 fn bump(state: &mut StoreState, run_id: &str, counter: impl FnOnce(&mut Run)) {
     if let Some(run) = state.runs.get_mut(run_id) {
         counter(run);
@@ -365,6 +405,7 @@ impl PendingTasks for MemoryStore {
                     id: stored.task.id.clone(),
                     account: stored.task.account.clone(),
                     kernel: stored.task.kernel.clone(),
+                    created_at: stored.task.created_at,
                     payload: stored
                         .task
                         .payload
@@ -406,6 +447,34 @@ impl PendingTasks for MemoryStore {
             }
         });
         Ok(changed.into_iter().map(|s| s.task_id.clone()).collect())
+    }
+
+    async fn cancel_tasks(
+        &self,
+        run_id: &str,
+        task_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, Error> {
+        network().await;
+        self.faults.check("cancel_tasks")?;
+        let mut state = lock(&self.state);
+        let cancel = TaskChange::Cancel { run_id };
+        let changed: Vec<String> = task_ids
+            .iter()
+            .filter(|id| {
+                Self::change(&mut state, id, &cancel, None, |stored| {
+                    stored.task.status = TaskStatus::Cancelled;
+                    stored.task.run_id = Some(run_id.to_owned());
+                    stored.task.finished_at = Some(now);
+                })
+                .is_ok()
+            })
+            .cloned()
+            .collect();
+        bump(&mut state, run_id, |run| {
+            run.cancelled += changed.len() as u64
+        });
+        Ok(changed)
     }
 }
 
@@ -481,6 +550,7 @@ impl ResultRecorder for MemoryStore {
                             RecordOutcome::Recorded
                         }
                     }
+                    Err(RecordOutcome::CancelledFirst) => Self::record_late(&mut state, result),
                     Err(outcome) => outcome,
                 }
             })
@@ -632,6 +702,8 @@ impl RunStore for MemoryStore {
             queued: 0,
             done: 0,
             failed: 0,
+            cancelled: 0,
+            late: 0,
             instances: Vec::new(),
             fleet_requests: 0,
             waiting: false,
@@ -730,6 +802,30 @@ impl RunStore for MemoryStore {
                 instance.zone = instance.zone.take().or_else(|| sighting.zone.clone());
                 instance.ended_at = instance.ended_at.or(sighting.ended_at);
             }
+        }
+        Ok(())
+    }
+
+    async fn cancel_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {
+        network().await;
+        let mut state = lock(&self.state);
+        let Some(run) = state
+            .runs
+            .get_mut(run_id)
+            .filter(|r| r.state == RunState::Open)
+        else {
+            return Ok(false);
+        };
+        run.state = RunState::Cancelled;
+        run.finished_at = Some(now);
+        Ok(true)
+    }
+
+    async fn release_run(&self, run_id: &str) -> Result<(), Error> {
+        network().await;
+        let mut state = lock(&self.state);
+        if state.current.as_deref() == Some(run_id) {
+            state.current = None;
         }
         Ok(())
     }

@@ -52,7 +52,8 @@ impl TaskStatus {
 }
 
 /// A run's life: OPEN until every task it queued has ended and nothing is
-/// pending (FINISHED), or until an operator cancels it (CANCELLED).
+/// pending (FINISHED), or until an operator cancels it (CANCELLED: its
+/// pending and queued tasks end CANCELLED, its instances are terminated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RunState {
@@ -173,6 +174,7 @@ pub struct PendingTask {
     pub account: String,
     pub kernel: String,
     pub payload: Blob,
+    pub created_at: DateTime<Utc>,
 }
 
 /// A task as stored.
@@ -249,6 +251,10 @@ pub struct Run {
     pub queued: u64,
     pub done: u64,
     pub failed: u64,
+    /// Tasks its cancel ended (pending or queued).
+    pub cancelled: u64,
+    /// Results that arrived for its tasks after the cancel, kept on them.
+    pub late: u64,
     /// Every instance launched for the run.
     pub instances: Vec<Launched>,
     /// How many fleet requests this run has made; the next request's
@@ -512,6 +518,8 @@ mod tests {
             queued: 300,
             done: 90,
             failed: 10,
+            cancelled: 0,
+            late: 0,
             instances: Vec::new(),
             fleet_requests: 1,
             waiting: false,

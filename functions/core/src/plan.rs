@@ -6,9 +6,10 @@
 //! launching). The plan answers how many slots to add, spot or on-demand,
 //! and when the run will finish with them.
 //!
-//! The finish is the bound of list scheduling: `W` kernel-milliseconds on
-//! `S` slots end within `W / S + (1 - 1/S) × p` of the start, `p` being the
-//! longest task; slots launched now start `lead` late.
+//! The finish is the bound of list scheduling, rounded up so that adding
+//! slots never moves it later: `W` kernel-milliseconds on `S` slots end
+//! within `W / S + p` of the start, `p` being the longest task; slots
+//! launched now start `lead` late.
 
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -35,8 +36,6 @@ pub struct Policy {
     /// With less time than this left, new capacity is on-demand: a spot
     /// reclaim then would cost more time than there is.
     pub on_demand_within: Duration,
-    /// The most slots a run may have.
-    pub max_slots: u64,
 }
 
 /// Spot, or on-demand when spot is denied or time is short.
@@ -82,7 +81,8 @@ impl Workload {
     }
 
     /// When it ends on `running` slots and `added` slots that start after
-    /// `lead` (`None`: no slots at all).
+    /// `lead` (`None`: no slots at all, or beyond any date). Never later
+    /// for more slots.
     pub fn finish(
         &self,
         now: DateTime<Utc>,
@@ -105,8 +105,9 @@ impl Workload {
         } else {
             (work + added as f64 * lead_ms) / slots as f64
         };
-        let tail_ms = self.longest_ms as f64 * (1.0 - 1.0 / slots as f64);
-        Some(now + Duration::milliseconds((body_ms + tail_ms).ceil() as i64))
+        let ms = (body_ms + self.longest_ms as f64).ceil();
+        // Past any date a run could have (an absurd prior): never.
+        now.checked_add_signed(Duration::try_milliseconds(ms.min(1e15) as i64)?)
     }
 }
 
@@ -123,22 +124,26 @@ pub struct Decision {
 }
 
 /// The slots to add so that `load` ends `policy.margin` before `deadline`,
-/// having `running` slots; as many as allowed when even that is too late.
+/// having `running` slots and at most `max_slots`; as many as help when
+/// even that is too late.
 pub fn decide(
     load: &Workload,
     running: u64,
+    max_slots: u64,
     now: DateTime<Utc>,
     deadline: DateTime<Utc>,
     policy: &Policy,
 ) -> Decision {
-    let target = deadline - policy.margin;
+    let target = deadline
+        .checked_sub_signed(policy.margin)
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let lifecycle = if deadline - now < policy.on_demand_within {
         Lifecycle::OnDemand
     } else {
         Lifecycle::Spot
     };
     // No more slots than tasks, nor than the stack allows.
-    let most = policy.max_slots.min(load.tasks).saturating_sub(running);
+    let most = max_slots.min(load.tasks).saturating_sub(running);
     let finishes_by = |added| load.finish(now, running, added, policy.lead);
     let on_time = |added| finishes_by(added).is_some_and(|at| at <= target);
     let minutes = |at: Option<DateTime<Utc>>| {
@@ -169,17 +174,27 @@ pub fn decide(
     // are added, so the first that fits is found by halving.
     let (mut low, mut high) = (0, most);
     if !on_time(most) {
+        // Slots that would start after the work is done are not launched.
+        let helps = finishes_by(most) < finishes_by(0) || running == 0;
+        let slots = if helps { most } else { 0 };
+        let finish = finishes_by(slots);
+        let by_deadline = finish.is_some_and(|at| at <= deadline);
         return Decision {
-            slots: most,
+            slots,
             lifecycle,
-            on_time: false,
+            on_time: by_deadline,
             reason: format!(
-                "{} tasks ({} of kernel time) cannot end by {}: {} more slots, the most allowed, end them by {}",
+                "{} tasks ({} of kernel time) cannot end by {}: with {} more slots they end by {}{}",
                 load.tasks,
                 hours(load.work_ms),
                 minutes(Some(target)),
-                most,
-                minutes(finishes_by(most))
+                slots,
+                minutes(finish),
+                if by_deadline {
+                    ", inside the deadline"
+                } else {
+                    ", after the deadline"
+                }
             ),
         };
     }
@@ -270,7 +285,6 @@ mod tests {
             lead: Duration::minutes(3),
             margin: Duration::minutes(10),
             on_demand_within: Duration::minutes(60),
-            max_slots: 400,
         }
     }
 
@@ -300,7 +314,7 @@ mod tests {
     fn the_least_slots_that_end_before_the_margin_are_launched() {
         // 600 tasks of 10 minutes: 6,000 slot-minutes; 8 h to the deadline.
         let load = Workload::of(&work(600, Some(10)), 0);
-        let decision = decide(&load, 0, at(0), at(8 * 60), &policy());
+        let decision = decide(&load, 0, 400, at(0), at(8 * 60), &policy());
         assert!(decision.on_time, "{decision:?}");
         assert_eq!(decision.lifecycle, Lifecycle::Spot);
         let slots = decision.slots;
@@ -318,7 +332,7 @@ mod tests {
     #[test]
     fn an_early_projection_launches_nothing() {
         let load = Workload::of(&work(20, Some(10)), 0);
-        let decision = decide(&load, 40, at(0), at(8 * 60), &policy());
+        let decision = decide(&load, 40, 400, at(0), at(8 * 60), &policy());
         assert_eq!(decision.slots, 0);
         assert!(decision.on_time);
     }
@@ -327,7 +341,7 @@ mod tests {
     fn a_night_that_cannot_end_in_time_says_so_and_takes_all_it_may() {
         // 10 tasks of 2 hours each, one hour left: no fleet is enough.
         let load = Workload::of(&work(10, Some(120)), 0);
-        let decision = decide(&load, 0, at(0), at(60), &policy());
+        let decision = decide(&load, 0, 400, at(0), at(60), &policy());
         assert!(!decision.on_time);
         assert_eq!(decision.slots, 10, "no more slots than tasks");
         assert!(
@@ -340,7 +354,7 @@ mod tests {
     #[test]
     fn little_time_left_launches_on_demand() {
         let load = Workload::of(&work(100, Some(1)), 0);
-        let decision = decide(&load, 0, at(0), at(45), &policy());
+        let decision = decide(&load, 0, 400, at(0), at(45), &policy());
         assert_eq!(decision.lifecycle, Lifecycle::OnDemand);
         assert!(decision.slots > 0);
     }
@@ -348,10 +362,50 @@ mod tests {
     #[test]
     fn slots_launched_now_start_after_the_lead() {
         let load = Workload::of(&work(10, Some(1)), 0);
-        // 10 slot-minutes on 10 new slots: the lead, then one minute.
+        // 10 slot-minutes on 10 new slots: the lead, one minute of work and
+        // one of tail.
         let finish = load.finish(at(0), 0, 10, Duration::minutes(3));
-        assert_eq!(finish, Some(at(4) + Duration::milliseconds(54_000)));
+        assert_eq!(finish, Some(at(5)));
         assert_eq!(load.finish(at(0), 0, 0, Duration::minutes(3)), None);
+    }
+
+    #[test]
+    fn more_slots_never_finish_later() {
+        for (tasks, minutes) in [(30, 2), (1, 60), (400, 30), (7, 1)] {
+            let load = Workload::of(&work(tasks, Some(minutes)), 0);
+            for running in [0, 1, 20] {
+                let finish = |added| load.finish(at(0), running, added, Duration::minutes(4));
+                for added in 0..50 {
+                    let (now, more) = (finish(added), finish(added + 1));
+                    assert!(
+                        now.is_none() || more <= now,
+                        "{tasks} tasks of {minutes} min on {running}+{added}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn past_the_target_slots_that_cannot_help_are_not_launched() {
+        // 30 two-minute tasks, 20 slots running, the deadline passed: new
+        // slots would start after the running ones are done.
+        let load = Workload::of(&work(30, Some(2)), 0);
+        let decision = decide(&load, 20, 400, at(0), at(-10), &policy());
+        assert_eq!(decision.slots, 0, "{decision:?}");
+        assert!(!decision.on_time);
+    }
+
+    #[test]
+    fn an_absurd_prior_is_late_rather_than_a_panic() {
+        let load = Workload::of(&work(1_000_000, None), u64::MAX / 4);
+        let finish = load.finish(at(0), 10, 0, Duration::minutes(4));
+        assert!(
+            finish.is_none_or(|f| f > at(60 * 24 * 365 * 100)),
+            "{finish:?}"
+        );
+        let decision = decide(&load, 0, 40, at(0), at(60), &policy());
+        assert_eq!(decision.slots, 40);
     }
 
     #[test]

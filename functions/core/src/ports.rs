@@ -102,6 +102,15 @@ pub trait PendingTasks: Send + Sync {
     /// that changed. Returns the ids that changed; a task no longer PENDING
     /// is left alone.
     async fn mark_queued(&self, run_id: &str, tasks: &[Sent]) -> Result<Vec<String>, Error>;
+    /// PENDING, or QUEUED in this run → CANCELLED in this run, with the
+    /// run's `cancelled` counter. Returns the ids that changed; a task past
+    /// both is left alone.
+    async fn cancel_tasks(
+        &self,
+        run_id: &str,
+        task_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, Error>;
 }
 
 /// A task whose message was sent: its id and its kernel.
@@ -165,6 +174,11 @@ pub enum RecordOutcome {
     NotYetQueued,
     /// No such task, or it belongs to another run: nothing to record.
     Unknown,
+    /// Its run cancelled it first; the store keeps the result as late and
+    /// answers [`RecordOutcome::Late`]. Never returned by a store.
+    CancelledFirst,
+    /// Its run cancelled it first: the result is kept on it, as late.
+    Late,
 }
 
 impl From<crate::rules::Refusal> for RecordOutcome {
@@ -174,6 +188,7 @@ impl From<crate::rules::Refusal> for RecordOutcome {
             Refusal::AlreadyDone => Self::Duplicate,
             Refusal::NotYet | Refusal::Raced => Self::NotYetQueued,
             Refusal::NotApplicable => Self::Unknown,
+            Refusal::CancelledFirst => Self::CancelledFirst,
         }
     }
 }
@@ -251,6 +266,11 @@ pub trait RunStore: RunReader {
     /// OPEN → FINISHED, and the run stops being current. `false` if it was
     /// no longer open.
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error>;
+    /// OPEN → CANCELLED (it stays current until the dispatcher has wound it
+    /// down, see [`RunStore::release_run`]). `false` if it was not open.
+    async fn cancel_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error>;
+    /// The run stops being current, if it is (a cancelled run, wound down).
+    async fn release_run(&self, run_id: &str) -> Result<(), Error>;
 }
 
 /// A message received from a queue.

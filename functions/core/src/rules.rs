@@ -8,6 +8,7 @@
 //! ```text
 //! STAGED ──commit──► PENDING ──queue──► QUEUED ──finish──► DONE | FAILED
 //!    └──abort (deleted)   └──cancel──► CANCELLED ◄──cancel──┘
+//!                                          └──a result after it: kept, late
 //! ```
 
 use crate::model::TaskStatus;
@@ -33,7 +34,13 @@ pub enum TaskChange<'a> {
     CountAttempt { run_id: &'a str },
     /// PENDING, or QUEUED in this run → CANCELLED.
     Cancel { run_id: &'a str },
+    /// A result for a task CANCELLED in this run: kept on the task as late,
+    /// once (the event is [`LATE_RESULT`]); the task stays CANCELLED.
+    RecordLate { run_id: &'a str },
 }
+
+/// The event id a late result is counted under, so it is kept once.
+pub const LATE_RESULT: &str = "late-result";
 
 /// Why a change was refused, once the item has been read again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +55,8 @@ pub enum Refusal {
     /// The item as read now would allow the change: it moved between the
     /// write and the read. Try again.
     Raced,
+    /// A result for a task its run cancelled first: to keep as late.
+    CancelledFirst,
 }
 
 impl TaskChange<'_> {
@@ -66,6 +75,11 @@ impl TaskChange<'_> {
             Self::Cancel { run_id } => {
                 facts.status == TaskStatus::Pending
                     || (facts.status == TaskStatus::Queued && facts.run_id == Some(run_id))
+            }
+            Self::RecordLate { run_id } => {
+                facts.status == TaskStatus::Cancelled
+                    && facts.run_id == Some(run_id)
+                    && !facts.event_seen
             }
         }
     }
@@ -86,12 +100,16 @@ impl TaskChange<'_> {
                     Refusal::NotYet
                 } else if facts.run_id != Some(run_id) {
                     Refusal::NotApplicable
+                } else if matches!(self, Self::Finish { .. })
+                    && facts.status == TaskStatus::Cancelled
+                {
+                    Refusal::CancelledFirst
                 } else {
                     // Ended, or this very event counted: a redelivery.
                     Refusal::AlreadyDone
                 }
             }
-            Self::Cancel { run_id } => {
+            Self::Cancel { run_id } | Self::RecordLate { run_id } => {
                 if facts.status == TaskStatus::Cancelled && facts.run_id == Some(run_id) {
                     Refusal::AlreadyDone
                 } else {
@@ -140,7 +158,7 @@ mod tests {
         for (status, run, why) in [
             (TaskStatus::Done, Some("r1"), Refusal::AlreadyDone),
             (TaskStatus::Failed, Some("r1"), Refusal::AlreadyDone),
-            (TaskStatus::Cancelled, Some("r1"), Refusal::AlreadyDone),
+            (TaskStatus::Cancelled, Some("r1"), Refusal::CancelledFirst),
             (TaskStatus::Pending, None, Refusal::NotYet),
             (TaskStatus::Queued, Some("r2"), Refusal::NotApplicable),
         ] {
@@ -174,6 +192,17 @@ mod tests {
             cancel.refusal(Some(&facts(TaskStatus::Cancelled, Some("r1"), false))),
             Refusal::AlreadyDone
         );
+    }
+
+    #[test]
+    fn a_result_after_the_cancel_is_kept_once_as_late() {
+        let late = TaskChange::RecordLate { run_id: "r1" };
+        assert!(late.allowed(&facts(TaskStatus::Cancelled, Some("r1"), false)));
+        let kept = facts(TaskStatus::Cancelled, Some("r1"), true);
+        assert!(!late.allowed(&kept));
+        assert_eq!(late.refusal(Some(&kept)), Refusal::AlreadyDone);
+        assert!(!late.allowed(&facts(TaskStatus::Cancelled, Some("r2"), false)));
+        assert!(!late.allowed(&facts(TaskStatus::Done, Some("r1"), false)));
     }
 
     #[test]

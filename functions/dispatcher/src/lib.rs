@@ -34,7 +34,8 @@ use nightshift_core::ports::{
     BlobStore, Fleet, Outgoing, PendingTasks, Queue, RunStore, Sent, TaskReader, WorkerInstance,
 };
 use nightshift_core::{
-    Blob, Envelope, InstanceSeen, Launched, PendingTask, Run, SpotPrice, TaskMessage,
+    Blob, Envelope, InstanceSeen, Launched, PendingTask, Run, RunState, SpotPrice, TaskMessage,
+    TaskStatus,
 };
 use serde::Serialize;
 
@@ -124,7 +125,6 @@ impl Config {
                     lead: span("NIGHTSHIFT_LAUNCH_LEAD_SECONDS", 240)?,
                     margin: span("NIGHTSHIFT_DEADLINE_MARGIN_SECONDS", 1800)?,
                     on_demand_within: span("NIGHTSHIFT_ON_DEMAND_WITHIN_SECONDS", 3600)?,
-                    max_slots: u64::from(max_instances) * u64::from(slots_per_instance.max(1)),
                 },
             },
         })
@@ -165,6 +165,8 @@ pub struct Pass {
     pub swept: usize,
     /// The fleet the run needs, as this pass planned it.
     pub plan: Option<FleetPlan>,
+    /// Tasks a cancelled run's wind-down ended CANCELLED.
+    pub cancelled: usize,
 }
 
 /// Index entries read per query.
@@ -207,6 +209,15 @@ impl Dispatcher<'_> {
             tracing::warn!(error = %error.chain(), "could not record what EC2 shows of the instances");
         }
         let run = match current {
+            Some(run) if run.state == RunState::Cancelled => {
+                let mut pass = Pass {
+                    run_id: Some(run.id.clone()),
+                    terminated,
+                    ..Pass::default()
+                };
+                self.wind_down(&run, &instances, now, &mut pass).await?;
+                return Ok(pass);
+            }
             Some(run) => run,
             None if may_open && self.any_pending().await? => {
                 let new_id = uuid::Uuid::new_v4().to_string();
@@ -291,6 +302,93 @@ impl Dispatcher<'_> {
                         tracing::warn!(run_id = %run.id, error = %error.chain(), "could not sweep the run's objects")
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Winds a cancelled run down: terminates its instances (a worker
+    /// stops its kernels at a safe point on the shutdown), cancels its
+    /// queued tasks and the tasks pending since before the cancel; a pass
+    /// that finds none left releases the run, so that a next night may
+    /// open. Safe to repeat: every change is conditional.
+    async fn wind_down(
+        &self,
+        run: &Run,
+        instances: &[WorkerInstance],
+        now: DateTime<Utc>,
+        pass: &mut Pass,
+    ) -> Result<(), DispatchError> {
+        let alive: Vec<String> = instances
+            .iter()
+            .filter(|i| i.alive && i.run_id.as_deref() == Some(run.id.as_str()))
+            .map(|i| i.id.clone())
+            .collect();
+        if !alive.is_empty() {
+            self.fleet.terminate(&alive).await?;
+            pass.terminated += alive.len();
+        }
+        let mut after = None;
+        loop {
+            let page = self
+                .tasks
+                .run_tasks_page(&run.id, 1000, after.as_ref())
+                .await?;
+            let queued: Vec<String> = page
+                .items
+                .into_iter()
+                .filter(|task| task.status == TaskStatus::Queued)
+                .map(|task| task.id)
+                .collect();
+            if !queued.is_empty() {
+                pass.cancelled += self
+                    .pending
+                    .cancel_tasks(&run.id, &queued, now)
+                    .await?
+                    .len();
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        // Work that arrives after the cancel waits for the next night.
+        let cancelled_at = run.finished_at.unwrap_or(now);
+        for shard in 0..self.settings.pending_shards {
+            let mut after = None;
+            loop {
+                let page = self.pending.pending(shard, PAGE, after.as_ref()).await?;
+                let before: Vec<String> = page
+                    .items
+                    .into_iter()
+                    .filter(|task| task.created_at <= cancelled_at)
+                    .map(|task| task.id)
+                    .collect();
+                if !before.is_empty() {
+                    pass.cancelled += self
+                        .pending
+                        .cancel_tasks(&run.id, &before, now)
+                        .await?
+                        .len();
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+        }
+        if pass.cancelled > 0 {
+            // Released by a later pass that finds nothing left: the index
+            // may not show yet a task queued as the cancel came.
+            tracing::info!(run_id = %run.id, cancelled = pass.cancelled, terminated = pass.terminated, "cancelling the run's work");
+            return Ok(());
+        }
+        self.runs.release_run(&run.id).await?;
+        tracing::info!(run_id = %run.id, terminated = pass.terminated, "cancelled run wound down");
+        match self.sweep(&run.id).await {
+            Ok(removed) => pass.swept = removed,
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, error = %error.chain(), "could not sweep the run's objects")
             }
         }
         Ok(())
@@ -431,14 +529,29 @@ impl Dispatcher<'_> {
         more_pending: bool,
     ) -> Result<(usize, FleetPlan), DispatchError> {
         let policy = &self.settings.plan;
+        let max_slots = u64::from(self.settings.max_instances)
+            * u64::from(self.settings.slots_per_instance.max(1));
         let running = slots_running(run, instances, now, self.settings.slots_per_instance);
         let load = Workload::of(&run.kernel_work(), policy.prior_ms);
-        let decision = plan::decide(&load, running, now, run.deadline, policy);
+        let mut decision = plan::decide(&load, running, max_slots, now, run.deadline, policy);
+        if more_pending {
+            // More work waits than the run holds, and the plan sees only
+            // what it holds: every slot allowed.
+            decision.slots = max_slots.saturating_sub(running);
+            decision.reason = format!(
+                "more tasks pending than the run holds ({} queued): all {max_slots} slots allowed",
+                load.tasks
+            );
+        }
         let mut reason = decision.reason.clone();
         let mut added = 0;
         let mut launched = 0;
         if decision.slots > 0 {
-            let first = self
+            // A refusal of spot for good (a quota, a type not offered) is
+            // a spot that gave nothing (and recorded no request): on-demand
+            // may still. `None`: another pass recorded this request first;
+            // it goes on from there.
+            let (first, next_request) = match self
                 .launch(
                     run,
                     0,
@@ -447,24 +560,37 @@ impl Dispatcher<'_> {
                     &decision.reason,
                     now,
                 )
-                .await?;
-            added += first.iter().map(|l| u64::from(l.slots)).sum::<u64>();
-            launched += first.len();
-            let short = decision.slots.saturating_sub(added);
-            let target = run.deadline - policy.margin;
-            let late = load
-                .finish(now, running, added, policy.lead)
-                .is_none_or(|at| at > target);
-            if short > 0 && decision.lifecycle == Lifecycle::Spot && late {
-                reason = format!(
-                    "spot gave {added} of {} slots; on-demand for the {short} more the deadline needs",
-                    decision.slots
-                );
-                let rest = self
-                    .launch(run, 1, short, Lifecycle::OnDemand, &reason, now)
-                    .await?;
-                added += rest.iter().map(|l| u64::from(l.slots)).sum::<u64>();
-                launched += rest.len();
+                .await
+            {
+                Ok(first) => (first, 1),
+                Err(DispatchError::Store(error))
+                    if decision.lifecycle == Lifecycle::Spot && !error.is_retryable() =>
+                {
+                    tracing::warn!(run_id = %run.id, error = %error.chain(), "spot refused");
+                    (Some(Vec::new()), 0)
+                }
+                Err(error) => return Err(error),
+            };
+            if let Some(first) = first {
+                added += first.iter().map(|l| u64::from(l.slots)).sum::<u64>();
+                launched += first.len();
+                let short = decision.slots.saturating_sub(added);
+                let target = run.deadline - policy.margin;
+                let late = load
+                    .finish(now, running, added, policy.lead)
+                    .is_none_or(|at| at > target);
+                if short > 0 && decision.lifecycle == Lifecycle::Spot && late {
+                    reason = format!(
+                        "spot gave {added} of {} slots; on-demand for the {short} more the deadline needs",
+                        decision.slots
+                    );
+                    let rest = self
+                        .launch(run, next_request, short, Lifecycle::OnDemand, &reason, now)
+                        .await?
+                        .unwrap_or_default();
+                    added += rest.iter().map(|l| u64::from(l.slots)).sum::<u64>();
+                    launched += rest.len();
+                }
             }
         }
         let projected_finish = load.finish(now, running, added, policy.lead);
@@ -487,7 +613,8 @@ impl Dispatcher<'_> {
     }
 
     /// One fleet request, the `nth` of this pass, recorded on the run with
-    /// why it was made.
+    /// why it was made. `None` when another pass recorded that request
+    /// first (its instances are then the other pass's to record).
     async fn launch(
         &self,
         run: &Run,
@@ -496,7 +623,7 @@ impl Dispatcher<'_> {
         lifecycle: Lifecycle,
         reason: &str,
         now: DateTime<Utc>,
-    ) -> Result<Vec<Launched>, DispatchError> {
+    ) -> Result<Option<Vec<Launched>>, DispatchError> {
         let request = run.fleet_requests + nth;
         let slots = u32::try_from(slots).unwrap_or(u32::MAX);
         // The request's number and size are part of the token: a request
@@ -514,9 +641,10 @@ impl Dispatcher<'_> {
             .await?
         {
             tracing::warn!(run_id = %run.id, request, "fleet request already recorded");
+            return Ok(None);
         }
         tracing::info!(run_id = %run.id, slots, lifecycle = lifecycle.as_str(), launched = launched.len(), reason, "workers launched");
-        Ok(launched)
+        Ok(Some(launched))
     }
 
     /// The spot prices, in every zone, of the types just launched on spot

@@ -53,7 +53,6 @@ impl World {
                     lead: chrono::Duration::minutes(4),
                     margin: chrono::Duration::minutes(30),
                     on_demand_within: chrono::Duration::zero(),
-                    max_slots: 6,
                 },
             },
         }
@@ -286,6 +285,16 @@ impl RunStore for NoLease {
     ) -> Result<bool, nightshift_core::Error> {
         self.0.close_run(run_id, now).await
     }
+    async fn cancel_run(
+        &self,
+        run_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, nightshift_core::Error> {
+        self.0.cancel_run(run_id, now).await
+    }
+    async fn release_run(&self, run_id: &str) -> Result<(), nightshift_core::Error> {
+        self.0.release_run(run_id).await
+    }
 }
 
 #[tokio::test]
@@ -441,6 +450,14 @@ impl PendingTasks for StaleIndex {
         tasks: &[Sent],
     ) -> Result<Vec<String>, nightshift_core::Error> {
         self.0.mark_queued(run_id, tasks).await
+    }
+    async fn cancel_tasks(
+        &self,
+        run_id: &str,
+        task_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, nightshift_core::Error> {
+        self.0.cancel_tasks(run_id, task_ids, now).await
     }
 }
 
@@ -760,7 +777,6 @@ impl Night {
             lead: chrono::Duration::minutes(4),
             margin: chrono::Duration::minutes(30),
             on_demand_within: chrono::Duration::minutes(60),
-            max_slots: u64::from(max_instances) * 2,
         };
         let now = at("2026-01-09T22:00:00Z");
         world.fleet.set_clock(now);
@@ -960,4 +976,68 @@ async fn an_early_projection_launches_nothing_more() {
         let pass = night.step().await;
         assert_eq!(pass.launched, 0, "{:?}", pass.plan);
     }
+}
+
+/// A cancelled run: its queued and pending tasks end CANCELLED, its workers
+/// are terminated, a result that comes after is kept as late; the pass
+/// after that finds nothing left releases it, and work that arrived after
+/// the cancel opens the next run.
+#[tokio::test]
+async fn a_cancelled_run_ends_its_work_and_lets_the_next_night_open() {
+    let world = World::new(4);
+    world.add_tasks(6).await;
+    let first = world.open_night("d").await;
+    let run_id = first.run_id.clone().unwrap();
+    assert_eq!((first.queued, first.waiting), (4, true));
+    assert!(first.launched > 0);
+    let queued: Vec<String> = world.sent_task_ids();
+    let result = |task: &str| TaskResult {
+        task_id: task.to_owned(),
+        run_id: run_id.clone(),
+        kernel: "sleep".into(),
+        instance_id: "i-1".into(),
+        attempts: 1,
+        started_at: Utc::now(),
+        finished_at: Utc::now(),
+        outcome: TaskOutcome::Done {
+            result: Blob::json(&json!(1)),
+            summary: "ok".into(),
+        },
+    };
+    world
+        .store
+        .record_results(&[result(&queued[0])])
+        .await
+        .unwrap();
+
+    assert!(world.store.cancel_run(&run_id, Utc::now()).await.unwrap());
+    world.add(1, json!({"seconds": 0})).await;
+    let winding = world.open_night("d").await;
+    assert_eq!(winding.run_id.as_deref(), Some(run_id.as_str()));
+    assert_eq!(
+        winding.cancelled, 5,
+        "3 queued and 2 pending before the cancel"
+    );
+    assert_eq!(winding.terminated, first.launched);
+    assert!(world.fleet.active().is_empty());
+    let outcome = world
+        .store
+        .record_results(&[result(&queued[1])])
+        .await
+        .unwrap();
+    assert_eq!(outcome, vec![RecordOutcome::Late]);
+
+    let released = world.open_night("d").await;
+    assert_eq!(
+        (released.run_id.as_deref(), released.cancelled),
+        (Some(run_id.as_str()), 0)
+    );
+    let run = world.store.run(&run_id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.state, run.done, run.cancelled, run.late),
+        (RunState::Cancelled, 1, 5, 1)
+    );
+    let next = world.open_night("d").await;
+    assert_ne!(next.run_id.as_deref(), Some(run_id.as_str()));
+    assert_eq!(next.queued, 1, "the task that came after the cancel");
 }

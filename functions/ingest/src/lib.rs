@@ -102,6 +102,7 @@ pub fn endpoints() -> Vec<(Method, &'static str, MethodRouter<Arc<Api>>)> {
         (Method::GET, "/runs", get(report::list_runs)),
         (Method::GET, "/runs/{id}", get(report::show_run)),
         (Method::GET, "/runs/{id}/report", get(report::run_report)),
+        (Method::POST, "/runs/{id}/cancel", post(report::cancel_run)),
     ]
 }
 

@@ -13,7 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use nightshift_core::cost::{InstanceCost, PRICES, RunCost, run_cost};
 use nightshift_core::ports::Cursor;
-use nightshift_core::{AttemptRecord, Progress, Run, Task, TaskStatus};
+use nightshift_core::{AttemptRecord, Progress, Run, RunState, Task, TaskStatus};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -52,15 +52,17 @@ pub async fn start_run(State(api): State<Arc<Api>>) -> Result<(StatusCode, Json<
         .open_run(&new_id, now, api.night.deadline(now))
         .await
         .map_err(ApiError::from_store)?;
-    // The schedule would reach the run anyway; waking the dispatcher only
-    // makes it sooner, so a failure here is logged, not returned.
-    let dispatch = match api.trigger.dispatch_soon(&run.id).await {
-        Ok(()) => "requested",
-        Err(error) => {
-            tracing::warn!(run_id = %run.id, error = %error, "could not wake the dispatcher; the schedule will");
-            "scheduled"
-        }
-    };
+    if run.state == RunState::Cancelled {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "run_winding_down",
+            format!(
+                "run {} was cancelled and is winding down; a new one may start in a minute",
+                run.id
+            ),
+        ));
+    }
+    let dispatch = wake_dispatcher(&api, &run.id).await;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -69,6 +71,53 @@ pub async fn start_run(State(api): State<Arc<Api>>) -> Result<(StatusCode, Json<
     Ok((
         status,
         Json(json!({ "run": RunView::of(run, now), "created": created, "dispatch": dispatch })),
+    ))
+}
+
+/// Wakes the dispatcher for `run_id`. Its schedule would reach the run
+/// anyway; waking it only makes it sooner, so a failure is logged and
+/// said (`scheduled`), not returned.
+async fn wake_dispatcher(api: &Api, run_id: &str) -> &'static str {
+    match api.trigger.dispatch_soon(run_id).await {
+        Ok(()) => "requested",
+        Err(error) => {
+            tracing::warn!(run_id, error = %error, "could not wake the dispatcher; the schedule will");
+            "scheduled"
+        }
+    }
+}
+
+/// `POST /runs/{id}/cancel`: the run ends CANCELLED; the dispatcher then
+/// ends its pending and queued tasks CANCELLED and terminates its
+/// instances. Idempotent: **202** when this request cancelled it, **200**
+/// when it already was; **409** for a run that finished.
+pub async fn cancel_run(
+    State(api): State<Arc<Api>>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let now = Utc::now();
+    let cancelled = api
+        .runs
+        .cancel_run(&id, now)
+        .await
+        .map_err(ApiError::from_store)?;
+    let run = find_run(&api, &id).await?;
+    if run.state == RunState::Finished {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "run_finished",
+            format!("run {id} finished; there is nothing to cancel"),
+        ));
+    }
+    let dispatch = wake_dispatcher(&api, &run.id).await;
+    let status = if cancelled {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "run": RunView::of(run, now), "cancelled": cancelled, "dispatch": dispatch })),
     ))
 }
 

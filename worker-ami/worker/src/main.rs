@@ -135,15 +135,27 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
 
 /// The kernels this worker runs at once: `NIGHTSHIFT_SLOTS` on an instance
 /// of `NIGHTSHIFT_SLOTS_TYPE` (the fleet's first type), and on another type
-/// by its vCPUs, as the dispatcher counts it (`plan::slots_of`).
+/// by its vCPUs, as the dispatcher counts it (`plan::slots_of`). Without
+/// `NIGHTSHIFT_SLOTS`, one per CPU.
 async fn slots(metadata: &Imds) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let given = config::optional(&ProcessEnv, "NIGHTSHIFT_SLOTS");
+    if given.is_empty() {
+        return Ok(cpus);
+    }
     let slots: usize = config::parsed_or(&ProcessEnv, "NIGHTSHIFT_SLOTS", cpus)?.max(1);
     let reference = config::optional(&ProcessEnv, "NIGHTSHIFT_SLOTS_TYPE");
     if reference.is_empty() {
         return Ok(slots);
     }
-    let own = metadata.instance_type().await?;
-    let reference_slots = u32::try_from(slots).unwrap_or(u32::MAX);
-    Ok(nightshift_core::plan::slots_of(&own, &reference, reference_slots) as usize)
+    match metadata.instance_type().await {
+        Ok(own) => {
+            let reference_slots = u32::try_from(slots).unwrap_or(u32::MAX);
+            Ok(nightshift_core::plan::slots_of(&own, &reference, reference_slots) as usize)
+        }
+        Err(error) => {
+            tracing::warn!(%error, slots, "could not read the instance type; running the first type's slots");
+            Ok(slots)
+        }
+    }
 }

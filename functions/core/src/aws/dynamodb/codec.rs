@@ -59,6 +59,9 @@ pub(super) const STATE: &str = "state";
 pub(super) const QUEUED: &str = "queued";
 pub(super) const DONE: &str = "done";
 pub(super) const FAILED: &str = "failed";
+/// Tasks the run's cancel ended, and results kept after it.
+pub(super) const CANCELLED: &str = "cancelled";
+pub(super) const LATE: &str = "late";
 /// A map: instance id → `{launched_at, instance_type, lifecycle, zone,
 /// ended_at, slots}`.
 pub(super) const INSTANCES: &str = "instances";
@@ -73,10 +76,16 @@ pub(super) const INSTANCE_TASKS: &str = "instance_tasks";
 pub(super) const INSTANCE_BUSY_MS: &str = "instance_busy_ms";
 /// A map: the run's [`Usage`](crate::model::Usage), field by field.
 pub(super) const USAGE: &str = "usage";
-/// Per kernel: tasks queued, tasks ended, their kernel time (maps by kernel).
+/// Per kernel: tasks queued, tasks ended, their kernel time; counters named
+/// `<prefix>:<kernel>` (see [`kernel_counter`]).
 pub(super) const KERNEL_QUEUED: &str = "kernel_queued";
 pub(super) const KERNEL_ENDED: &str = "kernel_ended";
 pub(super) const KERNEL_BUSY_MS: &str = "kernel_busy_ms";
+
+/// The run item's counter of `kernel` for `prefix`.
+pub(super) fn kernel_counter(prefix: &str, kernel: &str) -> String {
+    format!("{prefix}:{kernel}")
+}
 /// The dispatcher's last fleet plan (JSON text).
 pub(super) const PLAN: &str = "plan";
 /// Why an instance was launched.
@@ -256,6 +265,15 @@ pub(super) fn condition(
             vec![STATUS, RUN_ID],
             HashMap::from([pending, queued, (":c_run".to_owned(), s(run_id))]),
         ),
+        TaskChange::RecordLate { run_id } => (
+            "#status = :c_cancelled AND #run_id = :c_run AND NOT contains(#seen_events, :c_event)",
+            vec![STATUS, RUN_ID, SEEN_EVENTS],
+            HashMap::from([
+                (":c_cancelled".to_owned(), s(TaskStatus::Cancelled.as_str())),
+                (":c_run".to_owned(), s(run_id)),
+                (":c_event".to_owned(), s(crate::rules::LATE_RESULT)),
+            ]),
+        ),
     }
 }
 
@@ -433,6 +451,8 @@ pub(super) fn run_from_item(item: &Item) -> Result<Run, Error> {
         queued: opt_n(item, QUEUED)?.unwrap_or(0),
         done: opt_n(item, DONE)?.unwrap_or(0),
         failed: opt_n(item, FAILED)?.unwrap_or(0),
+        cancelled: opt_n(item, CANCELLED)?.unwrap_or(0),
+        late: opt_n(item, LATE)?.unwrap_or(0),
         instances: launches_from_item(item)?,
         fleet_requests: count(item, FLEET_REQUESTS)?,
         waiting: item
@@ -454,35 +474,33 @@ pub(super) fn run_from_item(item: &Item) -> Result<Run, Error> {
             })
             .unwrap_or_default(),
         kernels: kernels_from_item(item)?,
-        plan: opt_s(item, PLAN)
-            .map(|text| serde_json::from_str(&text))
-            .transpose()
-            .map_err(|e| Error::malformed("run plan", e))?,
+        // A plan is for display: one this code cannot read is left out.
+        plan: opt_s(item, PLAN).and_then(|text| {
+            serde_json::from_str(&text)
+                .inspect_err(|error| tracing::warn!(%error, "a run's plan is unreadable"))
+                .ok()
+        }),
     })
 }
 
 fn kernels_from_item(item: &Item) -> Result<Vec<KernelStats>, Error> {
-    let map = |name| item.get(name).and_then(|v| v.as_m().ok());
-    let (queued, ended, busy_ms) = (map(KERNEL_QUEUED), map(KERNEL_ENDED), map(KERNEL_BUSY_MS));
-    let of = |map: Option<&Item>, kernel: &str| {
-        map.map_or(Ok(None), |m| opt_n(m, kernel))
-            .map(Option::unwrap_or_default)
-    };
-    let mut names: Vec<&String> = [queued, ended]
-        .into_iter()
-        .flatten()
-        .flat_map(|m| m.keys())
+    let prefix = kernel_counter(KERNEL_QUEUED, "");
+    let mut kernels: Vec<&str> = item
+        .keys()
+        .filter_map(|name| name.strip_prefix(prefix.as_str()))
         .collect();
-    names.sort();
-    names.dedup();
-    names
+    kernels.sort_unstable();
+    let of = |counter: &str, kernel: &str| {
+        opt_n(item, &kernel_counter(counter, kernel)).map(Option::unwrap_or_default)
+    };
+    kernels
         .into_iter()
         .map(|kernel| {
             Ok(KernelStats {
-                kernel: kernel.clone(),
-                queued: of(queued, kernel)?,
-                ended: of(ended, kernel)?,
-                busy_ms: of(busy_ms, kernel)?,
+                kernel: kernel.to_owned(),
+                queued: of(KERNEL_QUEUED, kernel)?,
+                ended: of(KERNEL_ENDED, kernel)?,
+                busy_ms: of(KERNEL_BUSY_MS, kernel)?,
             })
         })
         .collect()

@@ -38,7 +38,8 @@ use aws_sdk_dynamodb::types::{KeysAndAttributes, TransactWriteItem, Update, Writ
 use std::collections::BTreeMap;
 
 use self::codec::{
-    INSTANCE_BUSY_MS, INSTANCE_TASKS, Item, KERNEL_BUSY_MS, KERNEL_ENDED, KERNEL_QUEUED, task_key,
+    INSTANCE_BUSY_MS, INSTANCE_TASKS, Item, KERNEL_BUSY_MS, KERNEL_ENDED, KERNEL_QUEUED,
+    kernel_counter, task_key,
 };
 use super::{build_error, classify};
 use crate::Error;
@@ -66,38 +67,39 @@ enum Transaction {
     Cancelled(Vec<Option<String>>),
 }
 
-/// What one write moves on a run: its counters, and entries of its
-/// counter maps (per instance, per kernel), summed by entry.
+/// What one write moves on a run: its top-level counters (the run's, and
+/// each kernel's, which are top-level so that any run item takes them),
+/// and entries of its per-instance maps; summed by name.
 #[derive(Debug, Default)]
 struct RunMove<'a> {
-    counters: BTreeMap<&'static str, u64>,
+    counters: BTreeMap<String, u64>,
     entries: BTreeMap<(&'static str, &'a str), u64>,
 }
 
 impl<'a> RunMove<'a> {
-    fn count(mut self, counter: &'static str, n: u64) -> Self {
-        *self.counters.entry(counter).or_default() += n;
+    fn count(mut self, counter: &str, n: u64) -> Self {
+        *self.counters.entry(counter.to_owned()).or_default() += n;
         self
     }
 
     /// Tasks of `kernel` queued.
-    fn queued(mut self, kernel: &'a str, n: u64) -> Self {
-        *self.entries.entry((KERNEL_QUEUED, kernel)).or_default() += n;
-        self
+    fn queued(self, kernel: &str, n: u64) -> Self {
+        self.count(&kernel_counter(KERNEL_QUEUED, kernel), n)
     }
 
     /// A result: its counter, and what its instance and its kernel ended.
     fn ended(mut self, result: &'a crate::message::TaskResult, counter: &'static str) -> Self {
-        self = self.count(counter, 1);
         let busy_ms = result.duration_ms();
+        self = self.count(counter, 1);
+        // A result from before kernels were reported names none.
+        if !result.kernel.is_empty() {
+            self = self
+                .count(&kernel_counter(KERNEL_ENDED, &result.kernel), 1)
+                .count(&kernel_counter(KERNEL_BUSY_MS, &result.kernel), busy_ms);
+        }
         let mut add = |map, key, n| *self.entries.entry((map, key)).or_default() += n;
         add(INSTANCE_TASKS, result.instance_id.as_str(), 1);
         add(INSTANCE_BUSY_MS, result.instance_id.as_str(), busy_ms);
-        // A result from before kernels were reported names none.
-        if !result.kernel.is_empty() {
-            add(KERNEL_ENDED, result.kernel.as_str(), 1);
-            add(KERNEL_BUSY_MS, result.kernel.as_str(), busy_ms);
-        }
         self
     }
 }

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::TransactWriteItem;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::codec::*;
 use super::{CONDITION_FAILED, DynamoStore, RunMove, TRANSACTION_ITEMS, Transaction};
@@ -47,10 +47,10 @@ impl DynamoStore {
         let mut sets = Vec::new();
         let mut values = Item::new();
         let mut names = std::collections::HashMap::new();
-        for (name, n) in &moves.counters {
-            adds.push(format!("#{name} :{name}"));
-            values.insert(format!(":{name}"), num(*n));
-            names.insert(format!("#{name}"), (*name).to_owned());
+        for (i, (name, n)) in moves.counters.iter().enumerate() {
+            adds.push(format!("#c{i} :c{i}"));
+            values.insert(format!(":c{i}"), num(*n));
+            names.insert(format!("#c{i}"), name.clone());
         }
         // ADD takes top-level attributes only: an entry of a map is set to
         // itself (or zero) plus the count, in the same single update.
@@ -83,40 +83,48 @@ impl DynamoStore {
         Ok(TransactWriteItem::builder().update(update).build())
     }
 
-    /// Queues a group of tasks in one transaction with the counter; tasks
-    /// that are no longer PENDING are dropped from the group and the rest
-    /// tried again. Returns the ids queued.
-    async fn queue_group(
+    /// Changes a group of tasks in one transaction with the run's counters
+    /// (`moves` of the tasks in it); tasks whose condition fails are left
+    /// alone and the rest tried again (one at a time when the service gives
+    /// no reasons). Returns the ids changed.
+    async fn change_group<'a>(
         &self,
         run_id: &str,
-        mut tasks: Vec<&Sent>,
-        now: &str,
+        mut tasks: Vec<&'a Sent>,
+        update: impl Fn(&str) -> Result<TransactWriteItem, Error>,
+        moves: impl Fn(&[&'a Sent]) -> RunMove<'a>,
     ) -> Result<Vec<String>, Error> {
+        let mut one_at_a_time = false;
+        let mut changed = Vec::new();
         while !tasks.is_empty() {
-            let mut items = tasks
+            let group: Vec<&'a Sent> = if one_at_a_time {
+                vec![tasks.remove(0)]
+            } else {
+                std::mem::take(&mut tasks)
+            };
+            let mut items = group
                 .iter()
-                .map(|task| self.queue_update(run_id, &task.task_id, now))
+                .map(|task| update(&task.task_id))
                 .collect::<Result<Vec<_>, Error>>()?;
-            let moves = tasks.iter().fold(
-                RunMove::default().count(QUEUED, tasks.len() as u64),
-                |moves, task| moves.queued(&task.kernel, 1),
-            );
-            items.push(self.run_counter(run_id, &moves)?);
+            items.push(self.run_counter(run_id, &moves(&group))?);
             let codes = match self.transact(items).await? {
                 Transaction::Committed => {
-                    return Ok(tasks.into_iter().map(|t| t.task_id.clone()).collect());
+                    changed.extend(group.iter().map(|t| t.task_id.clone()));
+                    continue;
                 }
                 Transaction::Cancelled(codes) => codes,
             };
-            if codes.len() != tasks.len() + 1 {
-                // No reasons given: one at a time.
-                let mut queued = Vec::new();
-                for task in tasks {
-                    if self.queue_group_of_one(run_id, task, now).await? {
-                        queued.push(task.task_id.clone());
-                    }
-                }
-                return Ok(queued);
+            if group.len() == 1
+                && codes
+                    .first()
+                    .is_none_or(|c| c.as_deref() == Some(CONDITION_FAILED))
+            {
+                continue; // refused: left alone
+            }
+            if codes.len() != group.len() + 1 {
+                one_at_a_time = true;
+                tasks.extend(group);
+                continue;
             }
             if codes.last().is_some_and(Option::is_some) {
                 return Err(Error::permanent(
@@ -124,11 +132,10 @@ impl DynamoStore {
                     format!("run {run_id} refused its counter: {:?}", codes.last()),
                 ));
             }
-            let mut rest = Vec::new();
-            for (task, code) in tasks.into_iter().zip(codes) {
+            for (task, code) in group.into_iter().zip(codes) {
                 match code.as_deref() {
-                    None => rest.push(task),
-                    Some(CONDITION_FAILED) => {} // no longer PENDING: left alone
+                    None => tasks.push(task),
+                    Some(CONDITION_FAILED) => {} // past the change: left alone
                     Some(other) => {
                         return Err(Error::permanent(
                             "TransactWriteItems",
@@ -137,23 +144,31 @@ impl DynamoStore {
                     }
                 }
             }
-            tasks = rest;
         }
-        Ok(Vec::new())
+        Ok(changed)
     }
 
-    async fn queue_group_of_one(
+    fn cancel_update(
         &self,
         run_id: &str,
-        task: &Sent,
+        task_id: &str,
         now: &str,
-    ) -> Result<bool, Error> {
-        let moves = RunMove::default().count(QUEUED, 1).queued(&task.kernel, 1);
-        let items = vec![
-            self.queue_update(run_id, &task.task_id, now)?,
-            self.run_counter(run_id, &moves)?,
-        ];
-        Ok(self.transact(items).await? == Transaction::Committed)
+    ) -> Result<TransactWriteItem, Error> {
+        let (condition, mut names, mut values) = condition(&TaskChange::Cancel { run_id }, None);
+        names.extend([FINISHED_AT, PENDING_SHARD]);
+        values.extend([
+            (":cancelled".to_owned(), s(TaskStatus::Cancelled.as_str())),
+            (":run".to_owned(), s(run_id)),
+            (":now".to_owned(), s(now)),
+        ]);
+        let update = self.update(
+            task_key(task_id),
+            "SET #status = :cancelled, #run_id = :run, #finished_at = :now REMOVE #pending_shard",
+            Some(condition),
+            &names,
+            values,
+        )?;
+        Ok(TransactWriteItem::builder().update(update).build())
     }
 }
 
@@ -190,6 +205,8 @@ impl PendingTasks for DynamoStore {
             .filter_map(|id| items.remove(id))
             .map(|item| {
                 Ok(PendingTask {
+                    created_at: opt_time(&item, CREATED_AT)?
+                        .ok_or_else(|| Error::malformed("pending task", "no created_at"))?,
                     id: req_s(&item, TASK_ID)?,
                     account: req_s(&item, ACCOUNT)?,
                     kernel: req_s(&item, KERNEL)?,
@@ -205,10 +222,44 @@ impl PendingTasks for DynamoStore {
         let now = timestamp(Utc::now());
         let mut changed = Vec::with_capacity(tasks.len());
         for chunk in tasks.chunks(TRANSACTION_ITEMS - 1) {
-            changed.extend(
-                self.queue_group(run_id, chunk.iter().collect(), &now)
-                    .await?,
-            );
+            let queued = self
+                .change_group(
+                    run_id,
+                    chunk.iter().collect(),
+                    |id| self.queue_update(run_id, id, &now),
+                    |group| {
+                        group.iter().fold(
+                            RunMove::default().count(QUEUED, group.len() as u64),
+                            |moves, task| moves.queued(&task.kernel, 1),
+                        )
+                    },
+                )
+                .await?;
+            changed.extend(queued);
+        }
+        Ok(changed)
+    }
+
+    async fn cancel_tasks(
+        &self,
+        run_id: &str,
+        task_ids: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, Error> {
+        let now = timestamp(now);
+        // A cancel moves no kernel's counters.
+        let tasks = Sent::all(task_ids, "");
+        let mut changed = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(TRANSACTION_ITEMS - 1) {
+            let cancelled = self
+                .change_group(
+                    run_id,
+                    chunk.iter().collect(),
+                    |id| self.cancel_update(run_id, id, &now),
+                    |group| RunMove::default().count(CANCELLED, group.len() as u64),
+                )
+                .await?;
+            changed.extend(cancelled);
         }
         Ok(changed)
     }

@@ -40,15 +40,21 @@ impl DynamoStore {
     /// The task's side of a result: QUEUED in its run → DONE | FAILED.
     /// With `failed_instead`, the task FAILS with that reason and keeps no
     /// result (the result itself could not be stored).
+    /// A late one (its run cancelled the task first) is kept on the task,
+    /// which stays CANCELLED.
     fn result_update(
         &self,
         result: &TaskResult,
         failed_instead: Option<&str>,
+        late: bool,
     ) -> Result<TransactWriteItem, Error> {
-        let finish = TaskChange::Finish {
-            run_id: &result.run_id,
+        let run_id = &result.run_id;
+        let change = if late {
+            TaskChange::RecordLate { run_id }
+        } else {
+            TaskChange::Finish { run_id }
         };
-        let (condition, mut names, mut values) = condition(&finish, None);
+        let (condition, mut names, mut values) = condition(&change, None);
         values.extend([
             (":instance".to_owned(), s(&result.instance_id)),
             (":attempts".to_owned(), num(u64::from(result.attempts))),
@@ -86,10 +92,21 @@ impl DynamoStore {
             names.push(LAST_ERROR);
             sets.push("#last_error = :error".to_owned());
         }
-        names.push(STATUS);
+        let expression = if late {
+            sets.retain(|set| set != "#status = :status");
+            values.remove(":status");
+            values.insert(
+                ":late".into(),
+                AttributeValue::Ss(vec![crate::rules::LATE_RESULT.to_owned()]),
+            );
+            format!("SET {} ADD #seen_events :late", sets.join(", "))
+        } else {
+            names.push(STATUS);
+            format!("SET {}", sets.join(", "))
+        };
         let update = self.update(
             task_key(&result.task_id),
-            &format!("SET {}", sets.join(", ")),
+            &expression,
             Some(condition),
             &names,
             values,
@@ -120,7 +137,7 @@ impl DynamoStore {
             run_id: &result.run_id,
         };
         let items = vec![
-            self.result_update(result, None)?,
+            self.result_update(result, None, false)?,
             self.run_counter(
                 &result.run_id,
                 &RunMove::default().ended(result, counter(&result.outcome)),
@@ -143,13 +160,32 @@ impl DynamoStore {
         }
     }
 
+    /// A result for a task its run cancelled first, kept on it as late,
+    /// with the run's `late` counter.
+    async fn record_late(&self, result: &TaskResult) -> Result<RecordOutcome, Error> {
+        let items = vec![
+            self.result_update(result, None, true)?,
+            self.run_counter(&result.run_id, &RunMove::default().count(LATE, 1))?,
+        ];
+        match self.transact(items).await? {
+            Transaction::Committed => Ok(RecordOutcome::Late),
+            Transaction::Cancelled(_) => {
+                let late = TaskChange::RecordLate {
+                    run_id: &result.run_id,
+                };
+                self.settle_refused(&result.task_id, &late, Some(crate::rules::LATE_RESULT))
+                    .await
+            }
+        }
+    }
+
     async fn fail_instead(
         &self,
         result: &TaskResult,
         reason: &str,
     ) -> Result<RecordOutcome, Error> {
         let items = vec![
-            self.result_update(result, Some(reason))?,
+            self.result_update(result, Some(reason), false)?,
             self.run_counter(&result.run_id, &RunMove::default().ended(result, FAILED))?,
         ];
         match self.transact(items).await? {
@@ -182,7 +218,7 @@ impl DynamoStore {
             }
             let mut items = group
                 .iter()
-                .map(|r| self.result_update(r, None))
+                .map(|r| self.result_update(r, None, false))
                 .collect::<Result<Vec<_>, Error>>()?;
             for (run_id, moves) in &counters {
                 items.push(self.run_counter(run_id, moves)?);
@@ -270,6 +306,11 @@ impl ResultRecorder for DynamoStore {
                 run_id: &result.run_id,
             };
             answer.push(self.settle_refused(&result.task_id, &finish, None).await?);
+        }
+        for (outcome, result) in answer.iter_mut().zip(results) {
+            if *outcome == RecordOutcome::CancelledFirst {
+                *outcome = self.record_late(result).await?;
+            }
         }
         Ok(answer)
     }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, TransactWriteItem};
 use chrono::{DateTime, Utc};
 
@@ -77,9 +78,6 @@ impl RunStore for DynamoStore {
             (SPOT_PRICES.to_owned(), AttributeValue::M(HashMap::new())),
             (INSTANCE_TASKS.to_owned(), AttributeValue::M(HashMap::new())),
             (USAGE.to_owned(), AttributeValue::M(HashMap::new())),
-            (KERNEL_QUEUED.to_owned(), AttributeValue::M(HashMap::new())),
-            (KERNEL_ENDED.to_owned(), AttributeValue::M(HashMap::new())),
-            (KERNEL_BUSY_MS.to_owned(), AttributeValue::M(HashMap::new())),
             (
                 INSTANCE_BUSY_MS.to_owned(),
                 AttributeValue::M(HashMap::new()),
@@ -242,6 +240,42 @@ impl RunStore for DynamoStore {
         // Refused only for an instance the run does not record: nothing to do.
         self.conditional_update(update).await?;
         Ok(())
+    }
+
+    async fn cancel_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {
+        self.conditional_update(self.update(
+            run_key(run_id),
+            "SET #state = :cancelled, #finished_at = :now",
+            Some("#state = :open"),
+            &[STATE, FINISHED_AT],
+            HashMap::from([
+                (":cancelled".into(), s(RunState::Cancelled.as_str())),
+                (":open".into(), s(RunState::Open.as_str())),
+                (":now".into(), s(&timestamp(now))),
+            ]),
+        )?)
+        .await
+    }
+
+    async fn release_run(&self, run_id: &str) -> Result<(), Error> {
+        let release = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(current_run_key()))
+            .condition_expression("#current = :run")
+            .expression_attribute_names("#current", CURRENT_RUN_ID)
+            .expression_attribute_values(":run", s(run_id))
+            .send()
+            .await;
+        match release {
+            Ok(_) => Ok(()),
+            // Another run is current, or none: nothing of this one to release.
+            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+                Ok(())
+            }
+            Err(error) => Err(crate::aws::classify("DeleteItem", error)),
+        }
     }
 
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {

@@ -133,13 +133,14 @@ async fn one_transaction_queues_a_batch_with_its_run_counter() {
         .match_requests(|r| {
             let items = r.transact_items();
             // 10 task updates and the run's counters: its own and its kernel's.
-            items.len() == 11 && items.last().and_then(|i| i.update()).is_some_and(|u| {
-                u.update_expression()
-                    == "SET #kernel_queued.#k0 = if_not_exists(#kernel_queued.#k0, :zero) + :k0 \
-                            ADD #queued :queued"
-                    && u.expression_attribute_names().and_then(|n| n.get("#k0"))
-                        == Some(&"sleep".to_owned())
-            })
+            items.len() == 11
+                && items.last().and_then(|i| i.update()).is_some_and(|u| {
+                    u.update_expression() == "ADD #c0 :c0, #c1 :c1"
+                        && u.expression_attribute_names().is_some_and(|n| {
+                            n.get("#c0") == Some(&"kernel_queued:sleep".to_owned())
+                                && n.get("#c1") == Some(&"queued".to_owned())
+                        })
+                })
         })
         .then_output(committed);
     let client = mock_client!(aws_sdk_dynamodb, [&rule]);
