@@ -627,6 +627,69 @@ async fn a_request_that_loses_a_key_race_midway_leaves_nothing_behind() {
     }
 }
 
+/// Cancel, from outside: a night of long tasks is cancelled while one runs.
+/// The run ends CANCELLED at once; the dispatcher then ends every task
+/// CANCELLED and terminates the instances; the cancel is idempotent, the
+/// report lists the cancelled tasks, and a next run may open.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_night_ends_its_tasks_and_its_instances() {
+    let stack = Stack::start(&[("SlotsPerInstance", "1"), ("MaxInstances", "1")]).await;
+    let ids = stack
+        .submit(&[
+            sleep_task("a", 60.0),
+            sleep_task("b", 60.0),
+            sleep_task("c", 60.0),
+        ])
+        .await;
+    let run_id = stack.start_run().await;
+    first_started_task(&stack).await;
+
+    let path = format!("/runs/{run_id}/cancel");
+    let (status, answer) = stack.request("POST", &path, None).await;
+    assert_eq!(
+        (status, answer["cancelled"].as_bool()),
+        (202, Some(true)),
+        "{answer}"
+    );
+    assert_eq!(answer["run"]["state"], "CANCELLED");
+    let (again, answer) = stack.request("POST", &path, None).await;
+    assert_eq!((again, answer["cancelled"].as_bool()), (200, Some(false)));
+
+    stack
+        .eventually("every task cancelled", Duration::from_secs(90), || async {
+            let (_, run) = stack.request("GET", &format!("/runs/{run_id}"), None).await;
+            run["cancelled"].as_u64() == Some(ids.len() as u64)
+        })
+        .await;
+    stack
+        .eventually(
+            "every instance terminated",
+            Duration::from_secs(90),
+            || async { stack.instances().await.values().all(|s| s == "terminated") },
+        )
+        .await;
+    let (_, report) = stack
+        .request("GET", &format!("/runs/{run_id}/report"), None)
+        .await;
+    for id in &ids {
+        assert_eq!(report_line(&report, id)["status"], "CANCELLED", "{report}");
+    }
+    let (_, run) = stack.request("GET", &format!("/runs/{run_id}"), None).await;
+    assert_eq!(
+        (run["done"].as_u64(), run["failed"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let (finished, _) = stack
+        .request("POST", "/runs/does-not-exist/cancel", None)
+        .await;
+    assert_eq!(finished, 404);
+    stack
+        .eventually("a next run may open", Duration::from_secs(60), || async {
+            stack.request("POST", "/runs", None).await.0 == 201
+        })
+        .await;
+}
+
 /// A worker whose run has ended but which does not stop (here: it would
 /// wait ten minutes for work) is terminated by the dispatcher once the
 /// stray grace has passed since its launch.

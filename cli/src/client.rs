@@ -129,6 +129,22 @@ async fn follow(api: &Api, run_id: &str, expected: u64, timeout: Duration) -> Re
     }
 }
 
+pub async fn cancel_run(api: &Api, run_id: &str, json_output: bool) -> Result<(), CliError> {
+    let path = format!("/runs/{run_id}/cancel");
+    let (status, answer) = api.call(reqwest::Method::POST, &path, None).await?;
+    if json_output {
+        println!("{answer}");
+        return Ok(());
+    }
+    let verb = if status == 202 {
+        "cancelled: its tasks end CANCELLED and its instances stop"
+    } else {
+        "was already cancelled"
+    };
+    println!("run {run_id} {verb}");
+    Ok(())
+}
+
 pub async fn start_run(api: &Api, json_output: bool) -> Result<(), CliError> {
     let (status, answer) = api.call(reqwest::Method::POST, "/runs", None).await?;
     if json_output {

@@ -220,6 +220,17 @@ enum RunCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Cancels a run: its pending and queued tasks end CANCELLED and its
+    /// instances are terminated; results that still come are kept as late.
+    ///
+    /// Example: nightshift run cancel 3f2c…
+    Cancel {
+        run_id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// A run's state, counters, pace and fleet.
     ///
     /// Example: nightshift run status 3f2c… --json
@@ -548,6 +559,9 @@ async fn execute(command: Command) -> Result<(), CliError> {
         }
         Command::Run { command } => match command {
             RunCommand::Start { json, api } => client::start_run(&api.connect().await?, json).await,
+            RunCommand::Cancel { run_id, json, api } => {
+                client::cancel_run(&api.connect().await?, &run_id, json).await
+            }
             RunCommand::Status { run_id, json, api } => {
                 client::show_run(&api.connect().await?, &run_id, json).await
             }

@@ -368,6 +368,29 @@ async function startNight() {
   }
 }
 
+async function cancelRun() {
+  const run = state.current;
+  const status = $('cancel-status');
+  if (!run?.id) return;
+  if (!window.confirm(`Cancel run ${shortId(run.id)}? Its pending and queued tasks end CANCELLED and its instances stop.`)) return;
+  const button = $('cancel-run');
+  button.disabled = true;
+  setStatus(status, 'Cancelling…');
+  try {
+    const { data } = await api('POST', `/runs/${encodeURIComponent(run.id)}/cancel`);
+    setStatus(status, data.cancelled
+      ? `Run ${shortId(run.id)} cancelled: its tasks end CANCELLED and its instances stop.`
+      : `Run ${shortId(run.id)} was already cancelled.`, 'ok');
+    showCurrent(data.run);
+    upsertPastRun(data.run);
+    schedulePoll(0);
+  } catch (err) {
+    setStatus(status, describe(err), 'error');
+  } finally {
+    button.disabled = false;
+  }
+}
+
 /** An open run changes; so does one whose instances have not all ended yet. */
 const needsPolling = (run) => run?.state === 'OPEN' || (run?.instances ?? []).some((i) => i.ended_at == null);
 
@@ -408,6 +431,7 @@ function showCurrent(run) {
   $('current').hidden = !run;
   const runState = $('run-state');
   runState.hidden = !run;
+  $('cancel-run').hidden = run?.state !== 'OPEN';
   $('current-id').textContent = run ? text(run.id) : '';
   $('current-updated').textContent = run ? `updated ${fmtTime(Date.now())}` : '';
   if (!run) return;
@@ -422,9 +446,12 @@ function showCurrent(run) {
   const queued = run.queued ?? 0;
   const done = run.done ?? 0;
   const failed = run.failed ?? 0;
-  $('count-queued').textContent = fmtNum(Math.max(0, queued - done - failed));
+  // A cancelled run has nothing queued left: its cancel ended it.
+  const inFlight = run.state === 'CANCELLED' ? 0 : Math.max(0, queued - done - failed);
+  $('count-queued').textContent = fmtNum(inFlight);
   $('count-done').textContent = fmtNum(done);
   $('count-failed').textContent = fmtNum(failed);
+  $('count-cancelled').textContent = fmtNum(run.cancelled ?? 0);
   $('count-total').textContent = fmtNum(queued);
 
   const bar = $('progress');
@@ -815,6 +842,7 @@ async function init() {
   $('accounts').addEventListener('submit', createAccounts);
   $('accounts').addEventListener('input', (event) => event.target.removeAttribute('aria-invalid'));
   $('start-night').addEventListener('click', startNight);
+  $('cancel-run').addEventListener('click', cancelRun);
   $('past-more').addEventListener('click', () => loadPastRuns({ more: true }));
   $('task-filter').addEventListener('change', renderTasks);
   $('report-reload').addEventListener('click', () => openReport(state.reportRunId, { pinned: state.reportPinned }));
