@@ -19,7 +19,7 @@ NIGHTSHIFT := $(BIN)/nightshift
 ACCOUNTS ?= 50
 CHAOS_TASKS ?= 300
 
-.PHONY: help venv browser build fmt fmt-check clippy lint unit e2e contract chaos test demo dashboard bench package upload-worker clean
+.PHONY: help venv browser build fmt fmt-check clippy lint unit e2e contract chaos test demo dashboard bench bench-orchestration package upload-worker clean
 
 help:
 	@echo "make demo     run a night on the local stack: $(ACCOUNTS) accounts, spot workers, the report"
@@ -130,6 +130,16 @@ dashboard: build
 
 bench: venv
 	bash worker-ami/kernels/bench/run.sh
+
+# N no-op tasks through the local stack: AWS calls per task by component
+# and operation, write units, dollars per million tasks, and throughput
+# against the emulator's raw SQS. The last line sums it up.
+BENCH_TASKS ?= 2000
+bench-orchestration: venv build
+	log=$$(mktemp); \
+	BENCH_TASKS=$(BENCH_TASKS) cargo test -p nightshift-e2e --locked --test orchestration -- --ignored --nocapture >$$log 2>&1 \
+		|| { tail -40 $$log; rm -f $$log; exit 1; }; \
+	sed -n '/^tasks: /,/^calls_per_task=/p' $$log; rm -f $$log
 
 # Release builds for arm64: the functions by `sam build` (cargo-lambda and
 # zig; what `sam deploy` uploads, in .aws-sam/build) and the worker, copied

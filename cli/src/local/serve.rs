@@ -213,7 +213,7 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     // The API, served as API Gateway would serve the ingest function.
     let wake = Arc::new(Notify::new());
     // The API's calls are made by day, for no run: counted for nothing.
-    let ingest_store = store_for(&ingest_aws, &Meter::default());
+    let ingest_store = store_for(&ingest_aws, &Meter::new("ingest"));
     let api = Api {
         writer: Arc::new(ingest_store.clone()),
         reader: Arc::new(ingest_store.clone()),
@@ -241,7 +241,7 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
     ));
 
     // The dispatcher, on its schedule and when the API wakes it.
-    let meter = Meter::default();
+    let meter = Meter::new("dispatcher");
     let fleet = SpotFleet::new(
         nightshift_core::aws::ec2::metered_client(&dispatcher_aws, &meter),
         dispatcher.launch_template_id,
@@ -282,7 +282,7 @@ async fn run_stack(options: &ServeOptions, env_file: &Path) -> Result<(), CliErr
 
     // The collector, fed from each SQS event source the template declares,
     // polled as Lambda's event source mapping polls, with the function's role.
-    let collector_meter = Meter::default();
+    let collector_meter = Meter::new("collector");
     let collector_store = store_for(&collector_aws, &collector_meter);
     let event_source_sqs = nightshift_core::aws::sqs::Client::new(&event_source_aws);
     for source in template.sqs_sources("CollectorFunction")? {

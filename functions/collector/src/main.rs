@@ -13,7 +13,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let config = Config::from_env(&ProcessEnv)?;
     let aws = aws_config::load_from_env().await;
-    let meter = Meter::default();
+    let meter = Meter::new("collector");
     let store = DynamoStore::new(
         nightshift_core::aws::dynamodb::metered_client(&aws, &meter),
         config.table,

@@ -877,10 +877,19 @@ impl Suite<'_> {
         );
         assert!(next.items.iter().all(|r| r.id != run));
 
+        let calls = |n: u64| {
+            [
+                ("worker/SQS.ReceiveMessage".to_owned(), n),
+                ("dispatcher/DynamoDB.TransactWriteItems".to_owned(), 2 * n),
+            ]
+            .into_iter()
+            .collect()
+        };
         let usage = Usage {
             sqs_requests: 3,
             dynamodb_write_units: 2.5,
             lambda_gb_seconds: 0.125,
+            calls: calls(1),
             ..Usage::default()
         };
         self.store.add_usage(&run, &usage).await.unwrap();
@@ -891,9 +900,10 @@ impl Suite<'_> {
                 sqs_requests: 6,
                 dynamodb_write_units: 5.0,
                 lambda_gb_seconds: 0.25,
+                calls: calls(2),
                 ..Usage::default()
             },
-            "usage adds up"
+            "usage adds up, call by call"
         );
         self.store.close_run(&run, Utc::now()).await.unwrap();
     }

@@ -371,6 +371,7 @@ mod tests {
             lambda_invocations: 1_000_000,
             lambda_gb_seconds: 10_000.0,
             free_requests: 50,
+            calls: Default::default(),
         };
         let cost = run_cost(&run, 1000, at(0), &PRICES);
         let usd: Vec<(&str, f64)> = cost

@@ -865,6 +865,7 @@ struct QueueState {
     in_flight: BTreeMap<String, (String, String, u32)>,
     sent: Vec<String>,
     send_calls: usize,
+    delete_calls: usize,
     visibility_changes: Vec<(String, Duration)>,
 }
 
@@ -876,6 +877,10 @@ impl MemoryQueue {
 
     pub fn send_calls(&self) -> usize {
         lock(&self.state).send_calls
+    }
+
+    pub fn delete_calls(&self) -> usize {
+        lock(&self.state).delete_calls
     }
 
     pub fn visible(&self) -> usize {
@@ -955,6 +960,7 @@ impl Queue for MemoryQueue {
     async fn delete_batch(&self, receipts: &[String]) -> Result<Vec<String>, Error> {
         network().await;
         let mut state = lock(&self.state);
+        state.delete_calls += 1;
         for receipt in receipts {
             state.in_flight.remove(receipt);
         }

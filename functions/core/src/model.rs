@@ -306,6 +306,9 @@ pub struct Usage {
     pub lambda_gb_seconds: f64,
     /// Requests billed nothing (EC2's, S3 deletes).
     pub free_requests: u64,
+    /// Attempts by component and operation (`worker/SQS.ReceiveMessage`).
+    #[serde(default)]
+    pub calls: std::collections::BTreeMap<String, u64>,
 }
 
 impl Usage {
@@ -336,6 +339,7 @@ impl Usage {
             lambda_invocations: count("lambda_invocations"),
             lambda_gb_seconds: amount("lambda_gb_seconds"),
             free_requests: count("free_requests"),
+            calls: Default::default(),
         }
     }
 
@@ -357,10 +361,13 @@ impl Usage {
         self.lambda_invocations += other.lambda_invocations;
         self.lambda_gb_seconds += other.lambda_gb_seconds;
         self.free_requests += other.free_requests;
+        for (call, n) in &other.calls {
+            *self.calls.entry(call.clone()).or_default() += n;
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.fields().iter().all(|(_, value)| *value == 0.0)
+        self.fields().iter().all(|(_, value)| *value == 0.0) && self.calls.is_empty()
     }
 }
 

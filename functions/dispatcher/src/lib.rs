@@ -270,7 +270,8 @@ impl Dispatcher<'_> {
     ) -> Result<(), DispatchError> {
         let room = self.settings.max_queued.saturating_sub(run.in_flight());
         let room = usize::try_from(room).unwrap_or(usize::MAX);
-        (pass.queued, pass.waiting) = self.queue_pending(&run.id, room).await?;
+        let seen;
+        (pass.queued, pass.waiting, seen) = self.queue_pending(&run.id, room).await?;
         let run = self.runs.run(&run.id).await?.unwrap_or_else(|| run.clone());
         let (launched, plan) = self.size_fleet(&run, instances, now, pass.waiting).await?;
         pass.launched = launched;
@@ -285,12 +286,10 @@ impl Dispatcher<'_> {
             .count("InstancesRunning", running as u64)
             .count("InstancesLaunched", pass.launched as u64)
             .emit();
+        // The scan that queued found nothing pending: none is (one that
+        // comes now is the next night's).
         if !pass.waiting
-            && nightshift_core::rules::run_may_close(
-                run.queued,
-                run.done + run.failed,
-                self.any_pending().await?,
-            )
+            && nightshift_core::rules::run_may_close(run.queued, run.done + run.failed, seen > 0)
         {
             pass.closed = self.runs.close_run(&run.id, now).await?;
             if pass.closed {
@@ -414,13 +413,13 @@ impl Dispatcher<'_> {
     }
 
     /// Sends up to `room` pending tasks, shard by shard, page by page;
-    /// returns how many were queued, and whether pending tasks were left
-    /// behind for lack of room.
+    /// returns how many were queued, whether pending tasks were left
+    /// behind for lack of room, and how many pending tasks it found.
     async fn queue_pending(
         &self,
         run_id: &str,
         room: usize,
-    ) -> Result<(usize, bool), DispatchError> {
+    ) -> Result<(usize, bool, usize), DispatchError> {
         let mut sent: HashSet<String> = HashSet::new();
         let mut queued = 0;
         for shard in 0..self.settings.pending_shards {
@@ -436,7 +435,7 @@ impl Dispatcher<'_> {
                 if fresh.len() > left {
                     let take: Vec<PendingTask> = fresh.into_iter().take(left).collect();
                     queued += self.queue_tasks(run_id, take, &mut sent).await?;
-                    return Ok((queued, true));
+                    return Ok((queued, true, sent.len()));
                 }
                 queued += self.queue_tasks(run_id, fresh, &mut sent).await?;
                 match page.next {
@@ -445,10 +444,11 @@ impl Dispatcher<'_> {
                 }
             }
         }
-        Ok((queued, false))
+        Ok((queued, false, sent.len()))
     }
 
-    /// Sends tasks in SQS batches and marks the ones sent; every task sent
+    /// Sends tasks in SQS batches, then marks the ones sent, all at once
+    /// (transactions of up to 99 tasks, not one per batch); every task sent
     /// joins `sent`, whatever its marking did, so it is not sent again.
     async fn queue_tasks(
         &self,
@@ -476,7 +476,7 @@ impl Dispatcher<'_> {
                 (sent, body)
             })
             .collect();
-        let mut queued = 0;
+        let mut delivered: Vec<Sent> = Vec::new();
         for batch in sqs_batches(messages, |(_, body)| body.len()) {
             let outgoing: Vec<Outgoing> = batch
                 .iter()
@@ -495,14 +495,21 @@ impl Dispatcher<'_> {
                     sent.extend(batch.into_iter().map(|(task, _)| task.task_id));
                     continue;
                 }
-                Err(error) => return Err(error.into()),
+                Err(error) => {
+                    // What was sent is marked, so a later pass sends it
+                    // not again.
+                    self.pending.mark_queued(run_id, &delivered).await?;
+                    return Err(error.into());
+                }
             };
-            let delivered: Vec<Sent> = batch
+            let sent_now = batch
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| !failed.contains(&i.to_string()))
-                .map(|(_, (task, _))| task)
-                .collect();
+                .map(|(_, (task, _))| task);
+            let before = delivered.len();
+            delivered.extend(sent_now);
+            sent.extend(delivered[before..].iter().map(|task| task.task_id.clone()));
             if !failed.is_empty() {
                 tracing::warn!(
                     run_id,
@@ -510,10 +517,8 @@ impl Dispatcher<'_> {
                     "some tasks were not sent; they stay pending"
                 );
             }
-            sent.extend(delivered.iter().map(|task| task.task_id.clone()));
-            queued += self.pending.mark_queued(run_id, &delivered).await?.len();
         }
-        Ok(queued)
+        Ok(self.pending.mark_queued(run_id, &delivered).await?.len())
     }
 
     /// Launches what the run's deadline needs (see [`plan`]): the least

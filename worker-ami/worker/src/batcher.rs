@@ -1,13 +1,11 @@
 //! Gathers single requests from many tasks into batch calls: up to 10
 //! entries and 1 MiB of bodies (SQS's limits for one batch), or whatever
-//! arrived within a short window.
+//! arrived within a window from the first.
 
 use std::time::Duration;
 
 use nightshift_core::limits::{SQS_BATCH_ENTRIES, SQS_MESSAGE_LIMIT};
 use tokio::sync::{mpsc, oneshot};
-
-const WINDOW: Duration = Duration::from_millis(50);
 
 type Reply = oneshot::Sender<bool>;
 
@@ -19,9 +17,10 @@ pub struct Batcher<T> {
 }
 
 impl<T: Send + 'static> Batcher<T> {
-    /// Starts the loop; `bytes` weighs an entry, `flush` sends one batch and
+    /// Starts the loop; a batch waits at most `window` for entries after
+    /// its first; `bytes` weighs an entry, `flush` sends one batch and
     /// returns, for each entry in order, whether it succeeded.
-    pub fn spawn<W, F, Fut>(bytes: W, flush: F) -> Self
+    pub fn spawn<W, F, Fut>(window: Duration, bytes: W, flush: F) -> Self
     where
         W: Fn(&T) -> usize + Send + 'static,
         F: Fn(Vec<T>) -> Fut + Send + 'static,
@@ -40,7 +39,7 @@ impl<T: Send + 'static> Batcher<T> {
                 };
                 let mut weight = bytes(&first.0);
                 let mut batch = vec![first];
-                let deadline = tokio::time::Instant::now() + WINDOW;
+                let deadline = tokio::time::Instant::now() + window;
                 while batch.len() < SQS_BATCH_ENTRIES {
                     match tokio::time::timeout_at(deadline, receiver.recv()).await {
                         Ok(Some(entry)) => {
@@ -83,6 +82,7 @@ mod tests {
 
     fn recording_batcher(sizes: Arc<Mutex<Vec<(usize, usize)>>>) -> Batcher<usize> {
         Batcher::spawn(
+            Duration::from_millis(50),
             |n: &usize| *n,
             move |entries: Vec<usize>| {
                 sizes

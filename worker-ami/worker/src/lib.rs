@@ -25,12 +25,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use nightshift_core::limits::ClaimCheck;
+use nightshift_core::limits::{ClaimCheck, SQS_BATCH_ENTRIES};
 use nightshift_core::metrics::Emf;
 use nightshift_core::ports::{BlobStore, Outgoing, Queue, Received, RunReader, UsageSource};
 use nightshift_core::{Envelope, TaskMessage, UsageReport};
 use nightshift_kernels::{Control, Registry};
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -151,6 +153,31 @@ pub(crate) struct Context {
     pub send_result: Batcher<String>,
     pub send_task: Batcher<String>,
     pub delete_task: Batcher<String>,
+    /// Deletes the messages of finished tasks, which may wait longer.
+    pub delete_finished: Batcher<String>,
+    /// One permit per slot, held while a kernel runs (not while its result
+    /// waits for a batch).
+    pub kernels: Arc<Semaphore>,
+    /// How long the last kernel ran (`u64::MAX`: none yet).
+    pub last_kernel_ms: AtomicU64,
+    /// Tasks received whose kernel has not ended yet (running, or waiting
+    /// for a slot); those whose results wait for a batch are not counted.
+    pub unfinished: AtomicUsize,
+    /// Told each time a kernel ends.
+    pub kernel_ended: Notify,
+}
+
+/// Below this, tasks are short enough that holding a receive's worth of
+/// messages ahead delays other workers little, and saves receives.
+const SHORT_TASK_MS: u64 = 5_000;
+
+impl Context {
+    /// Tasks to hold unfinished at most: one per slot, and a receive's worth
+    /// (ten) more ahead while tasks are short.
+    fn most_held(&self) -> usize {
+        let short = self.last_kernel_ms.load(Ordering::Relaxed) < SHORT_TASK_MS;
+        self.settings.slots + if short { SQS_BATCH_ENTRIES } else { 0 }
+    }
 }
 
 pub struct Worker {
@@ -193,9 +220,14 @@ impl Worker {
         let held = Arc::new(Held::default());
         let gate = RunGate::new(self.ports.runs.clone(), launched_for.clone());
         let context = Arc::new(Context {
-            send_result: queue_sender(self.ports.results.clone()),
-            send_task: queue_sender(self.ports.tasks.clone()),
-            delete_task: queue_deleter(self.ports.tasks.clone()),
+            send_result: queue_sender(self.ports.results.clone(), FINISH_WINDOW),
+            send_task: queue_sender(self.ports.tasks.clone(), HAND_BACK_WINDOW),
+            delete_task: queue_deleter(self.ports.tasks.clone(), HAND_BACK_WINDOW),
+            delete_finished: queue_deleter(self.ports.tasks.clone(), FINISH_WINDOW),
+            kernels: Arc::new(Semaphore::new(self.settings.slots)),
+            last_kernel_ms: AtomicU64::new(u64::MAX),
+            unfinished: AtomicUsize::new(0),
+            kernel_ended: Notify::new(),
             ports: self.ports,
             registry: self.registry,
             settings: self.settings,
@@ -270,10 +302,11 @@ async fn receive_loop(
         while running.try_join_next().is_some() {
             idle_since = Instant::now();
         }
-        let free = context.settings.slots.saturating_sub(running.len());
+        let unfinished = context.unfinished.load(Ordering::Acquire);
+        let free = context.most_held().saturating_sub(unfinished);
         if free == 0 {
             tokio::select! {
-                _ = running.join_next() => idle_since = Instant::now(),
+                () = context.kernel_ended.notified() => idle_since = Instant::now(),
                 _ = shutdown.changed() => {}
                 _ = interrupted.changed() => {}
             }
@@ -333,6 +366,7 @@ async fn receive_loop(
                 receipt: message.receipt.clone(),
             };
             let context = context.clone();
+            context.unfinished.fetch_add(1, Ordering::AcqRel);
             running.spawn(async move {
                 let _entry = entry;
                 task::process(&context, message, task, control).await;
@@ -460,8 +494,16 @@ async fn watch_spot(context: Arc<Context>, interrupt: watch::Sender<bool>) {
     }
 }
 
-fn queue_sender(queue: Arc<dyn Queue>) -> Batcher<String> {
-    Batcher::spawn(String::len, move |bodies: Vec<String>| {
+/// How long a result or a delete waits for others to share its batch: a
+/// result's latency hardly matters at night, the heartbeats keep its task's
+/// message hidden meanwhile, and the kernel slot is free already.
+const FINISH_WINDOW: Duration = Duration::from_secs(1);
+/// How long a continuation, or any other delete, waits for others: a
+/// stopping worker is short of time.
+const HAND_BACK_WINDOW: Duration = Duration::from_millis(50);
+
+fn queue_sender(queue: Arc<dyn Queue>, window: Duration) -> Batcher<String> {
+    Batcher::spawn(window, String::len, move |bodies: Vec<String>| {
         let queue = queue.clone();
         async move {
             let messages: Vec<Outgoing> = bodies
@@ -483,9 +525,10 @@ fn queue_sender(queue: Arc<dyn Queue>) -> Batcher<String> {
     })
 }
 
-fn queue_deleter(queue: Arc<dyn Queue>) -> Batcher<String> {
+fn queue_deleter(queue: Arc<dyn Queue>, window: Duration) -> Batcher<String> {
     // Receipts are small: the count bounds a delete batch, not its bytes.
     Batcher::spawn(
+        window,
         |_: &String| 0,
         move |receipts: Vec<String>| {
             let queue = queue.clone();

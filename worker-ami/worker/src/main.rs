@@ -85,7 +85,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error + Send + Sync>> {
         )?),
     };
     let aws = aws_config::load_from_env().await;
-    let meter = Meter::default();
+    let meter = Meter::new("worker");
     let sqs = nightshift_core::aws::sqs::metered_client(&aws, &meter);
     let ports = Ports {
         tasks: Arc::new(SqsQueue::new(

@@ -1,5 +1,7 @@
 //! One delivery of one task: load its payload, run its kernel, report.
 
+use std::sync::atomic::Ordering;
+
 use chrono::{DateTime, Utc};
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::metrics::Emf;
@@ -23,15 +25,27 @@ pub(crate) async fn process(
 }
 
 async fn run(context: &Context, message: Received, task: TaskMessage, control: Control) {
-    let started_at = Utc::now();
     let attempts = task.prior_attempts + message.receive_count;
+    // A slot, for as long as the kernel runs (a message received ahead
+    // waits here). The semaphore is never closed.
+    let slot = context.kernels.acquire().await;
+    let started_at = Utc::now();
     tracing::info!(kernel = %task.kernel, attempts, "task started");
-    let outcome = match load_inputs(context, &task).await {
-        Ok((payload, checkpoint)) => {
-            run_kernel(context, &task.kernel, payload, checkpoint, control).await
-        }
-        Err(error) => Err(error),
+    let outcome = {
+        let _slot = slot;
+        let ran = std::time::Instant::now();
+        let outcome = match load_inputs(context, &task).await {
+            Ok((payload, checkpoint)) => {
+                run_kernel(context, &task.kernel, payload, checkpoint, control).await
+            }
+            Err(error) => Err(error),
+        };
+        let ran_ms = u64::try_from(ran.elapsed().as_millis()).unwrap_or(u64::MAX);
+        context.last_kernel_ms.store(ran_ms, Ordering::Relaxed);
+        outcome
     };
+    context.unfinished.fetch_sub(1, Ordering::AcqRel);
+    context.kernel_ended.notify_one();
     let report = |outcome| {
         Envelope::Result(TaskResult {
             task_id: task.task_id.clone(),
@@ -100,7 +114,11 @@ fn measure(task: &TaskMessage, started_at: DateTime<Utc>, ended: &'static str) {
 /// task runs again; the collector records whichever result comes first.
 async fn finish(context: &Context, message: &Received, result: Envelope) {
     if context.send_result.submit(result.to_json()).await {
-        if !context.delete_task.submit(message.receipt.clone()).await {
+        if !context
+            .delete_finished
+            .submit(message.receipt.clone())
+            .await
+        {
             tracing::warn!(
                 "could not delete a finished task's message; a duplicate result may follow"
             );

@@ -156,6 +156,33 @@ async fn every_task_is_reported_and_deleted_then_the_idle_worker_stops() {
     assert_eq!((rig.tasks.visible(), rig.tasks.in_flight()), (0, 0));
 }
 
+/// Short tasks one after another on two slots: their results and deletes
+/// wait a little to share batches while the slots take the next tasks, and
+/// each receive asks for a slot's worth ahead.
+#[tokio::test]
+async fn short_tasks_share_their_result_and_delete_batches() {
+    let rig = Rig::new();
+    for i in 0..20 {
+        rig.add(&format!("t{i:02}"), json!({"seconds": 0.01}));
+    }
+    let started = std::time::Instant::now();
+    rig.worker().run(never()).await.unwrap();
+    assert_eq!(rig.reported().len(), 20);
+    assert_eq!((rig.tasks.visible(), rig.tasks.in_flight()), (0, 0));
+    let (sends, deletes) = (rig.results.send_calls(), rig.tasks.delete_calls());
+    assert!(
+        sends <= 4 && deletes <= 4,
+        "{sends} result batches, {deletes} delete batches for 20 tasks"
+    );
+    // The kernels did not wait for the batches: 10 rounds of 10 ms, not
+    // 10 windows of a second.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_large_result_travels_through_the_bucket_under_its_run() {
     let mut rig = Rig::new();

@@ -19,8 +19,10 @@ use crate::model::Usage;
 use crate::ports::UsageSource;
 
 /// A component's count since it was last taken. Clones share it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Meter {
+    /// The component its calls are counted for (`dispatcher`, `worker`, …).
+    component: &'static str,
     used: Arc<Mutex<Usage>>,
 }
 
@@ -32,6 +34,13 @@ impl UsageSource for Meter {
 }
 
 impl Meter {
+    pub fn new(component: &'static str) -> Self {
+        Self {
+            component,
+            used: Arc::default(),
+        }
+    }
+
     /// What an invocation of `elapsed` with `memory_mb` cost: the requests
     /// counted since the last take, and the invocation itself.
     pub fn take_invocation(&self, elapsed: std::time::Duration, memory_mb: u32) -> Usage {
@@ -113,7 +122,9 @@ impl Intercept for Meter {
             return Ok(());
         };
         let (service, operation) = (metadata.service(), metadata.name());
+        let call = format!("{}/{service}.{operation}", self.component);
         self.count(|used| {
+            *used.calls.entry(call).or_default() += 1;
             count_attempt(used, service, operation);
             #[cfg(feature = "dynamodb")]
             if let Some(Ok(output)) = context.output_or_error() {

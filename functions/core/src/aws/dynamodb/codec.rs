@@ -76,6 +76,8 @@ pub(super) const INSTANCE_TASKS: &str = "instance_tasks";
 pub(super) const INSTANCE_BUSY_MS: &str = "instance_busy_ms";
 /// A map: the run's [`Usage`](crate::model::Usage), field by field.
 pub(super) const USAGE: &str = "usage";
+/// The run's counters of AWS calls, one per component and operation.
+pub(super) const CALLS_PREFIX: &str = "calls:";
 /// Per kernel: tasks queued, tasks ended, their kernel time; counters named
 /// `<prefix>:<kernel>` (see [`kernel_counter`]).
 pub(super) const KERNEL_QUEUED: &str = "kernel_queued";
@@ -461,18 +463,27 @@ pub(super) fn run_from_item(item: &Item) -> Result<Run, Error> {
             .copied()
             .unwrap_or(false),
         spot_prices: spot_prices_from_item(item)?,
-        usage: item
-            .get(USAGE)
-            .and_then(|v| v.as_m().ok())
-            .map(|fields| {
-                Usage::from_fields(|name| {
-                    fields
-                        .get(name)
-                        .and_then(|v| v.as_n().ok())
-                        .and_then(|n| n.parse().ok())
+        usage: Usage {
+            calls: item
+                .iter()
+                .filter_map(|(name, value)| {
+                    let call = name.strip_prefix(CALLS_PREFIX)?;
+                    Some((call.to_owned(), value.as_n().ok()?.parse().ok()?))
                 })
-            })
-            .unwrap_or_default(),
+                .collect(),
+            ..item
+                .get(USAGE)
+                .and_then(|v| v.as_m().ok())
+                .map(|fields| {
+                    Usage::from_fields(|name| {
+                        fields
+                            .get(name)
+                            .and_then(|v| v.as_n().ok())
+                            .and_then(|n| n.parse().ok())
+                    })
+                })
+                .unwrap_or_default()
+        },
         kernels: kernels_from_item(item)?,
         // A plan is for display: one this code cannot read is left out.
         plan: opt_s(item, PLAN).and_then(|text| {

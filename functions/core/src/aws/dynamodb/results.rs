@@ -379,13 +379,15 @@ impl ResultRecorder for DynamoStore {
             .into_iter()
             .filter(|(_, value)| *value != 0.0)
             .collect();
-        if fields.is_empty() {
+        if fields.is_empty() && usage.calls.is_empty() {
             return Ok(());
         }
-        let adds: Vec<String> = fields
+        let mut adds: Vec<String> = fields
             .iter()
             .map(|(name, _)| format!("#usage.#{name} :{name}"))
             .collect();
+        // Each call's count is a top-level counter (`calls:<component>/<call>`).
+        adds.extend((0..usage.calls.len()).map(|i| format!("#c{i} :c{i}")));
         let mut update = aws_sdk_dynamodb::types::Update::builder()
             .table_name(&self.table)
             .set_key(Some(run_key(run_id)))
@@ -399,6 +401,11 @@ impl ResultRecorder for DynamoStore {
                     format!(":{name}"),
                     AttributeValue::N(value.to_string()),
                 );
+        }
+        for (i, (call, n)) in usage.calls.iter().enumerate() {
+            update = update
+                .expression_attribute_names(format!("#c{i}"), format!("{CALLS_PREFIX}{call}"))
+                .expression_attribute_values(format!(":c{i}"), num(*n));
         }
         let update = update.build().map_err(|e| build_error("Update", e))?;
         // Refused only for a run that is not there: nothing to count on.

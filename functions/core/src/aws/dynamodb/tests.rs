@@ -224,7 +224,7 @@ async fn the_meter_asks_for_the_capacity_of_each_request_and_adds_it_up() {
             .consumed_capacity(ConsumedCapacity::builder().capacity_units(0.5).build())
             .build()
     });
-    let meter = crate::aws::meter::Meter::default();
+    let meter = crate::aws::meter::Meter::new("test");
     let client = mock_client!(
         aws_sdk_dynamodb,
         RuleMode::MatchAny,
@@ -251,6 +251,12 @@ async fn the_meter_asks_for_the_capacity_of_each_request_and_adds_it_up() {
     assert_eq!(
         (used.dynamodb_write_units, used.dynamodb_read_units),
         (3.0, 0.5)
+    );
+    let calls: Vec<(&str, u64)> = used.calls.iter().map(|(c, n)| (c.as_str(), *n)).collect();
+    assert_eq!(
+        calls,
+        [("test/DynamoDB.GetItem", 1), ("test/DynamoDB.PutItem", 1)],
+        "each attempt, by component and operation"
     );
     assert!(meter.take().is_empty(), "a take starts the count again");
 }
