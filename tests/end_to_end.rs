@@ -87,7 +87,15 @@ async fn the_night_runs_every_task_once_and_leaves_nothing_behind() {
         "NIGHTSHIFT_RESULT_QUEUE_URL",
         "NIGHTSHIFT_TASK_DLQ_URL",
     ] {
-        assert_eq!(stack.queue_depth(queue).await, 0, "{queue} is empty");
+        // A finished task's message is deleted up to a second after its
+        // result is sent (the delete waits to share a batch).
+        stack
+            .eventually(
+                &format!("{queue} is empty"),
+                Duration::from_secs(15),
+                || async { stack.queue_depth(queue).await == 0 },
+            )
+            .await;
     }
     stack
         .eventually(
@@ -540,7 +548,15 @@ async fn payloads_and_results_around_every_limit_are_all_recorded() {
         "NIGHTSHIFT_TASK_DLQ_URL",
         "NIGHTSHIFT_RESULT_DLQ_URL",
     ] {
-        assert_eq!(stack.queue_depth(queue).await, 0, "{queue} is empty");
+        // A finished task's message is deleted up to a second after its
+        // result is sent (the delete waits to share a batch).
+        stack
+            .eventually(
+                &format!("{queue} is empty"),
+                Duration::from_secs(15),
+                || async { stack.queue_depth(queue).await == 0 },
+            )
+            .await;
     }
 }
 
