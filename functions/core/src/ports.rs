@@ -330,7 +330,7 @@ pub struct WorkerInstance {
     pub ended_at: Option<DateTime<Utc>>,
 }
 
-/// Spot capacity (dispatcher).
+/// EC2 capacity, spot or on-demand (dispatcher).
 #[async_trait]
 pub trait Fleet: Send + Sync {
     /// Launches workers tagged with the run, up to `slots` in all (each
