@@ -10,6 +10,18 @@ use serde_json::{Value, json};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// Waits for `queue` to empty: a finished task's message is deleted up to
+/// a second after its result is sent (the delete waits to share a batch).
+async fn drained(stack: &Stack, queue: &str) {
+    stack
+        .eventually(
+            &format!("{queue} is empty"),
+            Duration::from_secs(15),
+            || async { stack.queue_depth(queue).await == 0 },
+        )
+        .await;
+}
+
 fn sleep_task(account: &str, seconds: f64) -> Value {
     json!({ "account": account, "kernel": "sleep", "payload": { "seconds": seconds } })
 }
@@ -87,15 +99,7 @@ async fn the_night_runs_every_task_once_and_leaves_nothing_behind() {
         "NIGHTSHIFT_RESULT_QUEUE_URL",
         "NIGHTSHIFT_TASK_DLQ_URL",
     ] {
-        // A finished task's message is deleted up to a second after its
-        // result is sent (the delete waits to share a batch).
-        stack
-            .eventually(
-                &format!("{queue} is empty"),
-                Duration::from_secs(15),
-                || async { stack.queue_depth(queue).await == 0 },
-            )
-            .await;
+        drained(&stack, queue).await;
     }
     stack
         .eventually(
@@ -548,15 +552,7 @@ async fn payloads_and_results_around_every_limit_are_all_recorded() {
         "NIGHTSHIFT_TASK_DLQ_URL",
         "NIGHTSHIFT_RESULT_DLQ_URL",
     ] {
-        // A finished task's message is deleted up to a second after its
-        // result is sent (the delete waits to share a batch).
-        stack
-            .eventually(
-                &format!("{queue} is empty"),
-                Duration::from_secs(15),
-                || async { stack.queue_depth(queue).await == 0 },
-            )
-            .await;
+        drained(&stack, queue).await;
     }
 }
 

@@ -227,6 +227,20 @@ fn bump(state: &mut StoreState, run_id: &str, counter: impl FnOnce(&mut Run)) {
     }
 }
 
+/// OPEN → `to`, at `now`; `false` for a run that is not open.
+fn end_open_run(state: &mut StoreState, run_id: &str, to: RunState, now: DateTime<Utc>) -> bool {
+    let Some(run) = state
+        .runs
+        .get_mut(run_id)
+        .filter(|r| r.state == RunState::Open)
+    else {
+        return false;
+    };
+    run.state = to;
+    run.finished_at = Some(now);
+    true
+}
+
 /// A run's counters of one kernel, added when first moved.
 fn kernel_stats<'a>(run: &'a mut Run, kernel: &str) -> &'a mut crate::model::KernelStats {
     let at = match run.kernels.iter().position(|k| k.kernel == kernel) {
@@ -808,17 +822,12 @@ impl RunStore for MemoryStore {
 
     async fn cancel_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {
         network().await;
-        let mut state = lock(&self.state);
-        let Some(run) = state
-            .runs
-            .get_mut(run_id)
-            .filter(|r| r.state == RunState::Open)
-        else {
-            return Ok(false);
-        };
-        run.state = RunState::Cancelled;
-        run.finished_at = Some(now);
-        Ok(true)
+        Ok(end_open_run(
+            &mut lock(&self.state),
+            run_id,
+            RunState::Cancelled,
+            now,
+        ))
     }
 
     async fn release_run(&self, run_id: &str) -> Result<(), Error> {
@@ -833,18 +842,11 @@ impl RunStore for MemoryStore {
     async fn close_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<bool, Error> {
         network().await;
         let mut state = lock(&self.state);
-        if state.current.as_deref() != Some(run_id) {
+        if state.current.as_deref() != Some(run_id)
+            || !end_open_run(&mut state, run_id, RunState::Finished, now)
+        {
             return Ok(false);
         }
-        let Some(run) = state
-            .runs
-            .get_mut(run_id)
-            .filter(|r| r.state == RunState::Open)
-        else {
-            return Ok(false);
-        };
-        run.state = RunState::Finished;
-        run.finished_at = Some(now);
         state.current = None;
         Ok(true)
     }

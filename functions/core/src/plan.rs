@@ -38,6 +38,16 @@ pub struct Policy {
     pub on_demand_within: Duration,
 }
 
+impl Policy {
+    /// When the plan aims to be done: `margin` before `deadline` (the
+    /// earliest instant there is, for a margin past it).
+    pub fn target(&self, deadline: DateTime<Utc>) -> DateTime<Utc> {
+        deadline
+            .checked_sub_signed(self.margin)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+}
+
 /// Spot, or on-demand when spot is denied or time is short.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -134,9 +144,7 @@ pub fn decide(
     deadline: DateTime<Utc>,
     policy: &Policy,
 ) -> Decision {
-    let target = deadline
-        .checked_sub_signed(policy.margin)
-        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let target = policy.target(deadline);
     let lifecycle = if deadline - now < policy.on_demand_within {
         Lifecycle::OnDemand
     } else {

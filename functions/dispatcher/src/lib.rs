@@ -580,7 +580,7 @@ impl Dispatcher<'_> {
                 added += first.iter().map(|l| u64::from(l.slots)).sum::<u64>();
                 launched += first.len();
                 let short = decision.slots.saturating_sub(added);
-                let target = run.deadline - policy.margin;
+                let target = policy.target(run.deadline);
                 let late = load
                     .finish(now, running, added, policy.lead)
                     .is_none_or(|at| at > target);

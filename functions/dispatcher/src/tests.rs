@@ -118,22 +118,27 @@ impl World {
             .all_tasks()
             .iter()
             .filter(|t| t.status == TaskStatus::Queued)
-            .map(|t| TaskResult {
-                task_id: t.id.clone(),
-                run_id: run_id.to_owned(),
-                kernel: "sleep".into(),
-                instance_id: "i-1".into(),
-                attempts: 1,
-                started_at: Utc::now(),
-                finished_at: Utc::now(),
-                outcome: TaskOutcome::Done {
-                    result: Blob::json(&json!(1)),
-                    summary: "ok".into(),
-                },
-            })
+            .map(|t| done(&t.id, run_id))
             .collect();
         let outcomes = self.store.record_results(&results).await.unwrap();
         assert!(outcomes.iter().all(|o| *o == RecordOutcome::Recorded));
+    }
+}
+
+/// A task of `run_id` done, now, on `i-1`.
+fn done(task_id: &str, run_id: &str) -> TaskResult {
+    TaskResult {
+        task_id: task_id.to_owned(),
+        run_id: run_id.to_owned(),
+        kernel: "sleep".into(),
+        instance_id: "i-1".into(),
+        attempts: 1,
+        started_at: Utc::now(),
+        finished_at: Utc::now(),
+        outcome: TaskOutcome::Done {
+            result: Blob::json(&json!(1)),
+            summary: "ok".into(),
+        },
     }
 }
 
@@ -815,17 +820,10 @@ impl Night {
             .iter()
             .filter(|(_, (_, ends))| *ends <= self.now)
             .map(|(task, (instance, ends))| TaskResult {
-                task_id: task.clone(),
-                run_id: run.id.clone(),
-                kernel: "sleep".into(),
                 instance_id: instance.clone(),
-                attempts: 1,
                 started_at: *ends - chrono::Duration::minutes(self.task_minutes),
                 finished_at: *ends,
-                outcome: TaskOutcome::Done {
-                    result: Blob::json(&json!(1)),
-                    summary: "ok".into(),
-                },
+                ..done(task, &run.id)
             })
             .collect();
         self.world.store.record_results(&due).await.unwrap();
@@ -991,19 +989,7 @@ async fn a_cancelled_run_ends_its_work_and_lets_the_next_night_open() {
     assert_eq!((first.queued, first.waiting), (4, true));
     assert!(first.launched > 0);
     let queued: Vec<String> = world.sent_task_ids();
-    let result = |task: &str| TaskResult {
-        task_id: task.to_owned(),
-        run_id: run_id.clone(),
-        kernel: "sleep".into(),
-        instance_id: "i-1".into(),
-        attempts: 1,
-        started_at: Utc::now(),
-        finished_at: Utc::now(),
-        outcome: TaskOutcome::Done {
-            result: Blob::json(&json!(1)),
-            summary: "ok".into(),
-        },
-    };
+    let result = |task: &str| done(task, &run_id);
     world
         .store
         .record_results(&[result(&queued[0])])
