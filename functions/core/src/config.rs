@@ -62,6 +62,21 @@ pub fn night_window(env: &dyn Env) -> Result<crate::night::NightWindow, ConfigEr
     })
 }
 
+/// The interval of an EventBridge `rate(N unit)` expression; `None` for
+/// any other (a `cron(...)`, or a typo).
+pub fn rate_interval(expression: &str) -> Option<std::time::Duration> {
+    let inner = expression.trim().strip_prefix("rate(")?.strip_suffix(')')?;
+    let (value, unit) = inner.trim().split_once(' ')?;
+    let value: u64 = value.parse().ok()?;
+    let unit_seconds = match unit.trim() {
+        "minute" | "minutes" => 60,
+        "hour" | "hours" => 3600,
+        "day" | "days" => 86_400,
+        _ => return None,
+    };
+    (value > 0).then(|| std::time::Duration::from_secs(value * unit_seconds))
+}
+
 /// A comma-separated list that must name at least one item.
 pub fn required_list(env: &dyn Env, name: &'static str) -> Result<Vec<String>, ConfigError> {
     let items = list(env, name);
@@ -91,5 +106,36 @@ pub fn parsed_or<T: FromStr>(
             .parse()
             .map_err(|_| ConfigError::Invalid { name, value }),
         _ => Ok(default),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_rate_expression_gives_its_interval_and_anything_else_none() {
+        assert_eq!(
+            rate_interval("rate(5 minutes)"),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            rate_interval("rate(1 minute)"),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            rate_interval(" rate(2 hours) "),
+            Some(Duration::from_secs(7200))
+        );
+        for other in [
+            "cron(0 22 * * ? *)",
+            "rate(0 minutes)",
+            "rate(5 fortnights)",
+            "rate(five minutes)",
+            "",
+        ] {
+            assert_eq!(rate_interval(other), None, "{other}");
+        }
     }
 }

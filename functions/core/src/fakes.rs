@@ -67,6 +67,15 @@ struct StoreState {
     runs: BTreeMap<String, Run>,
     current: Option<String>,
     leases: BTreeMap<String, (String, DateTime<Utc>)>,
+    /// The sparse pending index: (shard, position) → task id. An entry
+    /// whose task is no longer PENDING there is stale and skipped, as a
+    /// query skips what the index no longer holds.
+    pending_index: BTreeMap<(u32, String), String>,
+}
+
+/// A task's place in its pending shard: creation time, then id.
+fn pending_position(task: &Task) -> String {
+    format!("{}|{}", crate::model::timestamp(task.created_at), task.id)
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +314,8 @@ impl TaskWriter for MemoryStore {
                 && stored.task.status == TaskStatus::Staged
             {
                 stored.task.status = TaskStatus::Pending;
+                let entry = (stored.shard, pending_position(&stored.task));
+                state.pending_index.insert(entry, task.id.clone());
             }
         }
         Ok(())
@@ -384,37 +395,35 @@ impl PendingTasks for MemoryStore {
     ) -> Result<Page<PendingTask>, Error> {
         network().await;
         self.faults.check("pending")?;
-        let state = lock(&self.state);
-        let mut listed: Vec<&StoredTask> = state
-            .tasks
-            .values()
-            .filter(|t| t.task.status == TaskStatus::Pending && t.shard == shard)
-            .collect();
-        listed
-            .sort_by(|a, b| (a.task.created_at, &a.task.id).cmp(&(b.task.created_at, &b.task.id)));
-        let position = |t: &StoredTask| {
-            format!(
-                "{}|{}",
-                crate::model::timestamp(t.task.created_at),
-                t.task.id
-            )
-        };
-        let mut items = Vec::new();
+        let mut state = lock(&self.state);
+        let from = after.map_or_else(String::new, |cursor| cursor.0.clone());
+        let mut items: Vec<(String, PendingTask)> = Vec::new();
         let mut bytes = 0;
         let mut next = None;
-        for stored in listed
-            .into_iter()
-            .filter(|t| after.is_none_or(|cursor| position(t) > cursor.0))
+        let mut stale = Vec::new();
+        for ((_, position), id) in state
+            .pending_index
+            .range((shard, from.clone())..(shard + 1, String::new()))
         {
+            if after.is_some() && *position <= from {
+                continue;
+            }
+            let listed = state.tasks.get(id).filter(|t| {
+                t.task.status == TaskStatus::Pending
+                    && t.shard == shard
+                    && pending_position(&t.task) == *position
+            });
+            let Some(stored) = listed else {
+                stale.push((shard, position.clone()));
+                continue;
+            };
             if items.len() == limit || bytes + stored.bytes > QUERY_PAGE_BYTES {
-                next = items
-                    .last()
-                    .map(|last: &(String, PendingTask)| Cursor(last.0.clone()));
+                next = items.last().map(|last| Cursor(last.0.clone()));
                 break;
             }
             bytes += stored.bytes;
             items.push((
-                position(stored),
+                position.clone(),
                 PendingTask {
                     id: stored.task.id.clone(),
                     account: stored.task.account.clone(),
@@ -427,6 +436,9 @@ impl PendingTasks for MemoryStore {
                         .unwrap_or_else(|| crate::Blob::json(&serde_json::Value::Null)),
                 },
             ));
+        }
+        for entry in stale {
+            state.pending_index.remove(&entry);
         }
         Ok(Page {
             items: items.into_iter().map(|(_, task)| task).collect(),

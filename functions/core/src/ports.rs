@@ -211,6 +211,22 @@ pub async fn charge(recorder: &dyn ResultRecorder, run_id: Option<&str>, used: &
     }
 }
 
+/// The time now: the wall clock where the functions run, a model's clock
+/// in a simulation (dispatcher).
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WallClock;
+
+impl Clock for WallClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
 /// Reads a run (ingest, dispatcher, worker).
 #[async_trait]
 pub trait RunReader: Send + Sync {

@@ -25,13 +25,15 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use nightshift_core::config;
 use nightshift_core::limits::ClaimCheck;
 use nightshift_core::limits::sqs_batches;
 use nightshift_core::metrics::Emf;
 use nightshift_core::plan::{self, FleetPlan, Lifecycle, Policy, Workload};
 use nightshift_core::ports::{
-    BlobStore, Fleet, Outgoing, PendingTasks, Queue, RunStore, Sent, TaskReader, WorkerInstance,
+    BlobStore, Clock, Fleet, Outgoing, PendingTasks, Queue, RunStore, Sent, TaskReader,
+    WorkerInstance,
 };
 use nightshift_core::{
     Blob, Envelope, InstanceSeen, Launched, PendingTask, Run, RunState, SpotPrice, TaskMessage,
@@ -57,7 +59,9 @@ impl DispatchError {
 pub struct Settings {
     pub max_instances: u32,
     pub slots_per_instance: u32,
-    /// The most tasks of a run queued and not yet ended at once.
+    /// The tasks of a run kept queued (and not yet ended) while none has
+    /// ended; once the pace is measured, more if the fleet needs more (see
+    /// `Dispatcher::backlog`).
     pub max_queued: u64,
     pub pending_shards: u32,
     /// Longer than one pass can take (the function's timeout).
@@ -72,6 +76,11 @@ pub struct Settings {
     pub night: nightshift_core::night::NightWindow,
     /// How the fleet is planned against the deadline.
     pub plan: Policy,
+    /// How far apart the schedule's passes are.
+    pub pass_interval: Duration,
+    /// How long a pass may go on queuing before it leaves the rest to the
+    /// next (well under the function's timeout).
+    pub pass_budget: Duration,
 }
 
 /// The event the night's schedule sends (`{"action": "open-night"}`):
@@ -113,9 +122,9 @@ impl Config {
             settings: Settings {
                 max_instances,
                 slots_per_instance,
-                max_queued: config::parsed_or(env, "NIGHTSHIFT_MAX_QUEUED", 2000)?,
+                max_queued: config::parsed_or(env, "NIGHTSHIFT_MAX_QUEUED", 20_000)?,
                 pending_shards: config::parsed_or(env, "NIGHTSHIFT_PENDING_SHARDS", 8)?,
-                lease_ttl: seconds("NIGHTSHIFT_LEASE_SECONDS", 120)?,
+                lease_ttl: seconds("NIGHTSHIFT_LEASE_SECONDS", 180)?,
                 max_lifetime: seconds("NIGHTSHIFT_MAX_LIFETIME_SECONDS", 43_200)?,
                 stray_grace: seconds("NIGHTSHIFT_STRAY_GRACE_SECONDS", 900)?,
                 night: config::night_window(env)?,
@@ -126,9 +135,28 @@ impl Config {
                     margin: span("NIGHTSHIFT_DEADLINE_MARGIN_SECONDS", 1800)?,
                     on_demand_within: span("NIGHTSHIFT_ON_DEMAND_WITHIN_SECONDS", 3600)?,
                 },
+                pass_interval: pass_interval(env)?,
+                pass_budget: seconds("NIGHTSHIFT_PASS_BUDGET_SECONDS", 90)?,
             },
         })
     }
+}
+
+/// The interval of the dispatcher's schedule (`NIGHTSHIFT_DISPATCH_SCHEDULE`,
+/// five minutes unless set). A `cron(...)` schedule counts as an hour: its
+/// ticks may be far apart, and a longer interval only queues more.
+fn pass_interval(env: &dyn config::Env) -> Result<Duration, config::ConfigError> {
+    let schedule = config::optional(env, "NIGHTSHIFT_DISPATCH_SCHEDULE");
+    if schedule.trim().is_empty() {
+        return Ok(Duration::from_secs(300));
+    }
+    if schedule.trim_start().starts_with("cron(") {
+        return Ok(Duration::from_secs(3600));
+    }
+    config::rate_interval(&schedule).ok_or(config::ConfigError::Invalid {
+        name: "NIGHTSHIFT_DISPATCH_SCHEDULE",
+        value: schedule,
+    })
 }
 
 fn span_of(duration: Duration) -> chrono::Duration {
@@ -144,6 +172,8 @@ pub struct Dispatcher<'a> {
     pub queue: &'a dyn Queue,
     pub fleet: &'a dyn Fleet,
     pub blobs: &'a dyn BlobStore,
+    /// What a pass checks its budget against.
+    pub clock: &'a dyn Clock,
     pub settings: &'a Settings,
 }
 
@@ -171,6 +201,8 @@ pub struct Pass {
 
 /// Index entries read per query.
 const PAGE: usize = 100;
+/// SQS batches a pass has in flight at once.
+const SENDS_AT_ONCE: usize = 10;
 /// How long a launched instance may be missing from `DescribeInstances`
 /// (which is eventually consistent) and still count as running.
 const LAUNCH_VISIBILITY: Duration = Duration::from_secs(300);
@@ -251,9 +283,12 @@ impl Dispatcher<'_> {
             return Ok(pass);
         }
         let worked = self.work(&run, &instances, now, &mut pass).await;
+        // A pass that failed may have left work behind: workers wait for
+        // the next one rather than stop.
+        let waiting = pass.waiting || worked.is_err();
         if let Err(error) = self
             .runs
-            .release_lease(&run.id, owner, pass.waiting, pass.plan.as_ref())
+            .release_lease(&run.id, owner, waiting, pass.plan.as_ref())
             .await
         {
             tracing::warn!(run_id = %run.id, error = %error, "could not release the lease; it expires");
@@ -268,10 +303,19 @@ impl Dispatcher<'_> {
         now: DateTime<Utc>,
         pass: &mut Pass,
     ) -> Result<(), DispatchError> {
-        let room = self.settings.max_queued.saturating_sub(run.in_flight());
+        let room = self.backlog(run).saturating_sub(run.in_flight());
         let room = usize::try_from(room).unwrap_or(usize::MAX);
+        // By the clock, not by `now`: a pass may be told another time than
+        // the one it runs in.
+        let stop_at = self.clock.now() + span_of(self.settings.pass_budget);
+        // A failure to queue still lets the fleet be sized (pending work
+        // is then assumed): the pass fails after that.
+        let queuing = self.queue_pending(&run.id, room, stop_at).await;
         let seen;
-        (pass.queued, pass.waiting, seen) = self.queue_pending(&run.id, room).await?;
+        (pass.queued, pass.waiting, seen) = match &queuing {
+            Ok(outcome) => *outcome,
+            Err(_) => (0, true, 0),
+        };
         let run = self.runs.run(&run.id).await?.unwrap_or_else(|| run.clone());
         let (launched, plan) = self.size_fleet(&run, instances, now, pass.waiting).await?;
         pass.launched = launched;
@@ -303,7 +347,7 @@ impl Dispatcher<'_> {
                 }
             }
         }
-        Ok(())
+        queuing.map(|_| ())
     }
 
     /// Winds a cancelled run down: terminates its instances (a worker
@@ -412,19 +456,46 @@ impl Dispatcher<'_> {
         Ok(false)
     }
 
-    /// Sends up to `room` pending tasks, shard by shard, page by page;
-    /// returns how many were queued, whether pending tasks were left
-    /// behind for lack of room, and how many pending tasks it found.
+    /// How many of the run's tasks to keep queued: what every slot the run
+    /// may have takes, at its fastest kernel's measured pace, until the
+    /// pass after next (one may be skipped), so that no slot waits for a
+    /// pass; `max_queued` while no task has ended, and never less.
+    fn backlog(&self, run: &Run) -> u64 {
+        let fastest = run.kernels.iter().filter_map(|k| k.mean_ms()).min();
+        let Some(mean_ms) = fastest else {
+            return self.settings.max_queued;
+        };
+        let slots = u64::from(self.settings.max_instances)
+            * u64::from(self.settings.slots_per_instance.max(1));
+        let horizon_ms =
+            u64::try_from(2 * self.settings.pass_interval.as_millis()).unwrap_or(u64::MAX);
+        let per_slot = horizon_ms.div_ceil(mean_ms.max(1)).saturating_add(1);
+        self.settings.max_queued.max(slots.saturating_mul(per_slot))
+    }
+
+    /// Sends up to `room` pending tasks, shard by shard, page by page,
+    /// until `stop_at` (the pass's budget); returns how many were queued,
+    /// whether pending tasks were left behind (for lack of room or of
+    /// time), and how many pending tasks it found.
     async fn queue_pending(
         &self,
         run_id: &str,
         room: usize,
+        stop_at: DateTime<Utc>,
     ) -> Result<(usize, bool, usize), DispatchError> {
         let mut sent: HashSet<String> = HashSet::new();
         let mut queued = 0;
         for shard in 0..self.settings.pending_shards {
             let mut after = None;
             loop {
+                if self.clock.now() >= stop_at {
+                    tracing::info!(
+                        run_id,
+                        queued,
+                        "the pass's budget is spent; the next pass goes on"
+                    );
+                    return Ok((queued, true, sent.len()));
+                }
                 let page = self.pending.pending(shard, PAGE, after.as_ref()).await?;
                 let fresh: Vec<PendingTask> = page
                     .items
@@ -447,8 +518,9 @@ impl Dispatcher<'_> {
         Ok((queued, false, sent.len()))
     }
 
-    /// Sends tasks in SQS batches, then marks the ones sent, all at once
-    /// (transactions of up to 99 tasks, not one per batch); every task sent
+    /// Sends tasks in SQS batches, several at once, then marks the ones
+    /// sent, all at once (transactions of up to 99 tasks, not one per
+    /// batch); every task sent
     /// joins `sent`, whatever its marking did, so it is not sent again.
     async fn queue_tasks(
         &self,
@@ -476,17 +548,26 @@ impl Dispatcher<'_> {
                 (sent, body)
             })
             .collect();
+        let answers: Vec<_> = futures::stream::iter(sqs_batches(messages, |(_, body)| body.len()))
+            .map(|batch| async move {
+                let outgoing: Vec<Outgoing> = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, body))| Outgoing {
+                        id: i.to_string(),
+                        body: body.clone(),
+                    })
+                    .collect();
+                let answer = self.queue.send_batch(&outgoing).await;
+                (batch, answer)
+            })
+            .buffered(SENDS_AT_ONCE)
+            .collect()
+            .await;
         let mut delivered: Vec<Sent> = Vec::new();
-        for batch in sqs_batches(messages, |(_, body)| body.len()) {
-            let outgoing: Vec<Outgoing> = batch
-                .iter()
-                .enumerate()
-                .map(|(i, (_, body))| Outgoing {
-                    id: i.to_string(),
-                    body: body.clone(),
-                })
-                .collect();
-            let failed = match self.queue.send_batch(&outgoing).await {
+        let mut retry_later = None;
+        for (batch, answer) in answers {
+            let failed = match answer {
                 Ok(failed) => failed,
                 Err(error) if !error.is_retryable() => {
                     // This batch can never be sent as it is; its tasks stay
@@ -496,10 +577,10 @@ impl Dispatcher<'_> {
                     continue;
                 }
                 Err(error) => {
-                    // What was sent is marked, so a later pass sends it
-                    // not again.
-                    self.pending.mark_queued(run_id, &delivered).await?;
-                    return Err(error.into());
+                    // Its tasks stay pending; what the other batches sent
+                    // is marked below, so a later pass sends it not again.
+                    retry_later.get_or_insert(error);
+                    continue;
                 }
             };
             let sent_now = batch
@@ -518,7 +599,11 @@ impl Dispatcher<'_> {
                 );
             }
         }
-        Ok(self.pending.mark_queued(run_id, &delivered).await?.len())
+        let marked = self.pending.mark_queued(run_id, &delivered).await?.len();
+        match retry_later {
+            Some(error) => Err(error.into()),
+            None => Ok(marked),
+        }
     }
 
     /// Launches what the run's deadline needs (see [`plan`]): the least

@@ -8,7 +8,7 @@ use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
 use nightshift_core::config::ProcessEnv;
-use nightshift_core::ports::charge;
+use nightshift_core::ports::{WallClock, charge};
 use nightshift_dispatcher::{Config, Dispatcher, Pass};
 use serde_json::Value;
 
@@ -46,6 +46,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         queue: &queue,
         fleet: &fleet,
         blobs: &blobs,
+        clock: &WallClock,
         settings: &config.settings,
     };
     let (dispatcher, store, meter) = (&dispatcher, &store, &meter);

@@ -9,7 +9,7 @@ use nightshift_core::fakes::{FakeFleet, MemoryBlobs, MemoryQueue, MemoryStore};
 use nightshift_core::night::NightWindow;
 use nightshift_core::ports::{
     BlobStore, Cursor, Page, PendingTasks, RecordOutcome, ResultRecorder, RunReader, Sent,
-    TaskWriter,
+    TaskWriter, WallClock,
 };
 use nightshift_core::{Blob, Envelope, NewTask, TaskOutcome, TaskResult, TaskStatus};
 use serde_json::{Value, json};
@@ -54,6 +54,8 @@ impl World {
                     margin: chrono::Duration::minutes(30),
                     on_demand_within: chrono::Duration::zero(),
                 },
+                pass_interval: Duration::from_secs(300),
+                pass_budget: Duration::from_secs(40),
             },
         }
     }
@@ -66,6 +68,7 @@ impl World {
             queue: &*self.queue,
             fleet: &*self.fleet,
             blobs: &*self.blobs,
+            clock: &WallClock,
             settings: &self.settings,
         }
     }
@@ -378,9 +381,50 @@ async fn the_backlog_is_capped_and_the_rest_waits_for_room() {
     );
     let second = world.open_night("d").await;
     assert_eq!((second.queued, second.closed), (0, false), "no room yet");
-    world.finish_all(&run_id).await;
-    let third = world.open_night("d").await;
-    assert_eq!((third.queued, third.waiting), (10, true));
+}
+
+impl World {
+    /// Every queued task ends, each having taken `minutes`.
+    async fn finish_all_taking(&self, run_id: &str, minutes: i64) {
+        let results: Vec<TaskResult> = self
+            .store
+            .all_tasks()
+            .iter()
+            .filter(|t| t.status == TaskStatus::Queued)
+            .map(|t| TaskResult {
+                started_at: Utc::now() - chrono::Duration::minutes(minutes),
+                ..done(&t.id, run_id)
+            })
+            .collect();
+        self.store.record_results(&results).await.unwrap();
+    }
+}
+
+/// What the pass after the first queues, once the first pass's tasks (of
+/// a run capped at `cap`) ended, each having taken `minutes`.
+async fn queued_once_tasks_took(cap: u64, minutes: i64) -> usize {
+    let world = World::new(cap);
+    world.add_tasks(200).await;
+    let first = world.open_night("d").await;
+    assert_eq!(first.queued as u64, cap, "the cap while no task has ended");
+    world
+        .finish_all_taking(&first.run_id.unwrap(), minutes)
+        .await;
+    world.open_night("d").await.queued
+}
+
+/// Six slots, passes five minutes apart: once tasks have ended, the
+/// backlog is what the slots take until the pass after next (ten minutes)
+/// at the pace measured, and one more each; never less than the cap.
+#[tokio::test]
+async fn once_the_pace_is_measured_the_backlog_follows_it() {
+    assert_eq!(queued_once_tasks_took(10, 60).await, 6 * 2);
+    assert_eq!(queued_once_tasks_took(10, 1).await, 6 * 11);
+    assert_eq!(
+        queued_once_tasks_took(20, 60).await,
+        20,
+        "never under the cap"
+    );
 }
 
 #[tokio::test]
@@ -1026,4 +1070,36 @@ async fn a_cancelled_run_ends_its_work_and_lets_the_next_night_open() {
     let next = world.open_night("d").await;
     assert_ne!(next.run_id.as_deref(), Some(run_id.as_str()));
     assert_eq!(next.queued, 1, "the task that came after the cancel");
+}
+
+/// A clock that moves a second each time it is read.
+struct Ticking(std::sync::Mutex<DateTime<Utc>>);
+
+impl Clock for Ticking {
+    fn now(&self) -> DateTime<Utc> {
+        let mut now = self.0.lock().unwrap();
+        *now += chrono::Duration::seconds(1);
+        *now
+    }
+}
+
+#[tokio::test]
+async fn a_pass_stops_queuing_when_its_budget_is_spent_and_the_next_goes_on() {
+    let mut world = World::with_shards(10_000, 1);
+    world.settings.pass_budget = Duration::from_secs(3);
+    world.add_tasks(450).await;
+    let now = Utc::now();
+    let clock = Ticking(std::sync::Mutex::new(now));
+    let dispatcher = Dispatcher {
+        clock: &clock,
+        ..world.dispatcher()
+    };
+    // The clock moves a second at each read: once as queuing starts, then
+    // before each page of 100; the third page finds the budget of 3 s spent.
+    let first = dispatcher.open_night(now, "d").await.unwrap();
+    assert_eq!((first.queued, first.waiting), (200, true), "{first:?}");
+    let later = *clock.0.lock().unwrap();
+    let second = dispatcher.pass(later, "d").await.unwrap();
+    assert_eq!((second.queued, second.waiting), (200, true), "{second:?}");
+    assert!(distinct(world.sent_task_ids()));
 }

@@ -28,9 +28,24 @@ pub fn metered_client(config: &aws_types::SdkConfig, meter: &crate::aws::meter::
     Client::from_conf(
         aws_sdk_dynamodb::config::Builder::from(config)
             .interceptor(meter.clone())
+            .retry_config(throttling_retries())
             .build(),
     )
 }
+
+/// Every transaction moves the run item's counters, so under a large
+/// fleet that one item is throttled at its partition's limit now and then:
+/// more attempts than the SDK's three, from a shorter first backoff, ride
+/// it out (50 ms doubling to 5 s: 8 attempts wait about 10 s at most).
+fn throttling_retries() -> aws_sdk_dynamodb::config::retry::RetryConfig {
+    aws_sdk_dynamodb::config::retry::RetryConfig::standard()
+        .with_max_attempts(DYNAMODB_ATTEMPTS)
+        .with_initial_backoff(std::time::Duration::from_millis(50))
+        .with_max_backoff(std::time::Duration::from_secs(5))
+}
+
+/// Attempts of each DynamoDB request (see [`throttling_retries`]).
+pub const DYNAMODB_ATTEMPTS: u32 = 8;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, TransactWriteItem, Update, WriteRequest};
