@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use nightshift_collector::{Incoming, collect};
+use nightshift_core::Error;
 use nightshift_core::aws::dynamodb::DynamoStore;
 use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::sqs::SqsQueue;
-use nightshift_core::ports::Queue;
-use nightshift_core::ports::charge;
+use nightshift_core::ports::{Queue, Received, charge};
 
 use super::template::SqsSource;
 
@@ -26,10 +26,9 @@ pub async fn run(
     collector: Collector,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let wait = Duration::from_secs(source.batching_window_seconds.max(1));
     loop {
         let received = tokio::select! {
-            received = queue.receive(source.batch_size, wait) => received,
+            received = gather(&queue, &source) => received,
             _ = stop.changed() => return,
         };
         let messages = match received {
@@ -77,4 +76,28 @@ pub async fn run(
             }
         }
     }
+}
+
+/// One batch as Lambda's event source makes it: up to `BatchSize`
+/// messages (SQS gives at most 10 a receive), gathered for up to the
+/// batching window from the first.
+async fn gather(queue: &SqsQueue, source: &SqsSource) -> Result<Vec<Received>, Error> {
+    let window = Duration::from_secs(source.batching_window_seconds.max(1));
+    let wanted = source.batch_size.max(1) as usize;
+    let mut batch = queue.receive(source.batch_size, window).await?;
+    let until = tokio::time::Instant::now() + window;
+    while !batch.is_empty() && batch.len() < wanted {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let room = u32::try_from(wanted - batch.len()).unwrap_or(u32::MAX);
+        match queue.receive(room, left).await {
+            Ok(more) => batch.extend(more),
+            // What was gathered is still a batch; the poll's failure shows
+            // at the next one.
+            Err(_) => break,
+        }
+    }
+    Ok(batch)
 }
