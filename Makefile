@@ -19,7 +19,7 @@ NIGHTSHIFT := $(BIN)/nightshift
 ACCOUNTS ?= 50
 CHAOS_TASKS ?= 300
 
-.PHONY: help venv browser build fmt fmt-check clippy lint unit e2e contract chaos test demo dashboard bench bench-orchestration package upload-worker clean
+.PHONY: help venv browser build fmt fmt-check clippy lint unit e2e contract chaos test demo dashboard bench bench-orchestration bench-scale package upload-worker clean
 
 help:
 	@echo "make demo     run a night on the local stack: $(ACCOUNTS) accounts, spot workers, the report"
@@ -29,6 +29,8 @@ help:
 	@echo "make contract the API against openapi.yaml with schemathesis (CONTRACT_EXAMPLES=$(CONTRACT_EXAMPLES))"
 	@echo "make chaos    the chaos test at $(CHAOS_TASKS) tasks (CHAOS_SEED=n replays a seed)"
 	@echo "make bench    kernel benchmark against NumPy"
+	@echo "make bench-orchestration  AWS calls, units and dollars per task through the local stack"
+	@echo "make bench-scale  the scale model: $(SCALE_TASKS) tasks on $(SCALE_INSTANCES) instances in virtual time"
 	@echo "make package  release builds for Lambda (arm64) and the worker, which goes to $(DIST)/worker/"
 	@echo "make upload-worker ARTIFACTS_BUCKET=b [ARTIFACTS_PREFIX=$(ARTIFACTS_PREFIX)]"
 	@echo "              the worker and its unit to the bucket that stock-image workers boot from"
@@ -140,6 +142,16 @@ bench-orchestration: venv build
 	BENCH_TASKS=$(BENCH_TASKS) cargo test -p nightshift-e2e --locked --test orchestration -- --ignored --nocapture >$$log 2>&1 \
 		|| { tail -40 $$log; rm -f $$log; exit 1; }; \
 	sed -n '/^tasks: /,/^calls_per_task=/p' $$log; rm -f $$log
+
+# The scale model: a night of SCALE_TASKS tasks of 10 s on SCALE_INSTANCES
+# two-slot instances, in virtual time, through the real dispatcher and
+# collector against a model of AWS's latencies and limits. The functions'
+# metric lines are left out; the table and its last line remain.
+SCALE_TASKS ?= 100000
+SCALE_INSTANCES ?= 200
+bench-scale:
+	cargo build -q -p nightshift-scale --locked
+	$(BIN)/nightshift-scale --tasks $(SCALE_TASKS) --instances $(SCALE_INSTANCES) | grep -v '"_aws"'
 
 # Release builds for arm64: the functions by `sam build` (cargo-lambda and
 # zig; what `sam deploy` uploads, in .aws-sam/build) and the worker, copied
