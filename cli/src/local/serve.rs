@@ -17,7 +17,7 @@ use nightshift_core::aws::ec2::SpotFleet;
 use nightshift_core::aws::meter::Meter;
 use nightshift_core::aws::s3::S3Blobs;
 use nightshift_core::aws::sqs::SqsQueue;
-use nightshift_core::ports::charge;
+use nightshift_core::ports::{WallClock, charge};
 use nightshift_dispatcher::{Dispatcher, Settings as DispatchSettings};
 use nightshift_ingest::{Api, DispatchTrigger};
 use tokio::process::Command;
@@ -479,6 +479,7 @@ async fn dispatch_loop(
         queue: &ports.queue,
         fleet: &ports.fleet,
         blobs: &ports.blobs,
+        clock: &WallClock,
         settings: &ports.settings,
     };
     let mut night_starts = false;
