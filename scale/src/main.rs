@@ -10,14 +10,14 @@ use nightshift_scale::{Night, simulate};
 /// real dispatcher and collector against a model of AWS.
 #[derive(Debug, Parser)]
 struct Args {
-    #[arg(long, default_value_t = 100_000)]
-    tasks: usize,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    tasks: u64,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     instances: u32,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     slots: u32,
     /// Each task's kernel time, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     task_seconds: u64,
     /// The dispatcher's cap on a run's queued tasks (MaxQueuedPerRun).
     #[arg(long)]
@@ -29,7 +29,7 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     let mut night = Night::full();
-    night.tasks = args.tasks;
+    night.tasks = usize::try_from(args.tasks).unwrap_or(usize::MAX);
     night.instances = args.instances;
     night.slots_per_instance = args.slots;
     night.task_time = Duration::from_secs(args.task_seconds);

@@ -209,7 +209,8 @@ impl Outcome {
     }
 }
 
-/// Runs the night to its close (or `None` if the model stalls).
+/// Runs the night to its close; `None` if the model stalls or no run
+/// opened (a night of no task).
 pub fn simulate(night: Night) -> Option<Outcome> {
     let clock = Arc::new(Clock::default());
     let cloud = Arc::new(Cloud::new(
@@ -220,6 +221,7 @@ pub fn simulate(night: Night) -> Option<Outcome> {
     clock::run(&clock, move |spawner| {
         Box::pin(the_night(night, cloud, spawner))
     })
+    .flatten()
 }
 
 const START: &str = "2026-01-09T22:00:00Z";
@@ -227,7 +229,7 @@ const START: &str = "2026-01-09T22:00:00Z";
 const MARGIN: Duration = Duration::from_secs(30 * 60);
 const LEAD: Duration = Duration::from_secs(4 * 60);
 
-async fn the_night(night: Night, cloud: Arc<Cloud>, spawner: LocalSpawner) -> Outcome {
+async fn the_night(night: Night, cloud: Arc<Cloud>, spawner: LocalSpawner) -> Option<Outcome> {
     let start: DateTime<Utc> = START.parse().unwrap_or_default();
     let shards = 8;
     let memory = Arc::new(MemoryStore::new(shards));
@@ -237,7 +239,7 @@ async fn the_night(night: Night, cloud: Arc<Cloud>, spawner: LocalSpawner) -> Ou
         cloud: Arc::clone(&cloud),
         // The payload, and the task's own attributes.
         task_bytes: night.payload_bytes + 600,
-        recorded: Mutex::default(),
+        lags: Mutex::default(),
         largest_run: Mutex::default(),
         run_size: Mutex::default(),
         start,
@@ -267,21 +269,16 @@ async fn the_night(night: Night, cloud: Arc<Cloud>, spawner: LocalSpawner) -> Ou
         .spawn_local(event_source::run(Rc::clone(&world)));
     let (passes, all_queued, closed) = dispatch(&world).await;
     world.over.set(true);
-    let run = memory
-        .run(&world.run_id())
-        .await
-        .ok()
-        .flatten()
-        .expect("the night opened a run");
+    let run = memory.run(&world.run_id()).await.ok().flatten()?;
     let (first, last) = world.kernels.get();
     let mut lags: Vec<Duration> = world
         .store
-        .recorded
+        .lags
         .lock()
-        .map(|r| r.iter().map(|(_, lag)| *lag).collect())
+        .map(|lags| lags.clone())
         .unwrap_or_default();
     lags.sort();
-    Outcome {
+    Some(Outcome {
         makespan: match (first, last) {
             (Some(first), Some(last)) => (last - first).to_std().unwrap_or_default(),
             _ => Duration::ZERO,
@@ -297,7 +294,7 @@ async fn the_night(night: Night, cloud: Arc<Cloud>, spawner: LocalSpawner) -> Ou
         all_queued,
         closed,
         lags,
-    }
+    })
 }
 
 /// The tasks the day brought, pending at the night's start.

@@ -69,8 +69,8 @@ pub struct Store {
     pub cloud: Arc<Cloud>,
     /// The size of a task's item, payload and attributes.
     pub task_bytes: usize,
-    /// What the model recorded of each result: when it was recorded.
-    pub recorded: Mutex<Vec<(DateTime<Utc>, Duration)>>,
+    /// Each result recorded: how long after its kernel ended.
+    pub lags: Mutex<Vec<Duration>>,
     /// The largest the run item was, in bytes.
     pub largest_run: Mutex<usize>,
     /// The run item's size as last measured, and when (it changes slowly;
@@ -362,11 +362,11 @@ impl ResultRecorder for Store {
         let outcomes = self.inner.record_results(results).await?;
         let now =
             self.start + chrono::Duration::from_std(self.cloud.clock.now()).unwrap_or_default();
-        let mut recorded = lock(&self.recorded);
+        let mut lags = lock(&self.lags);
         for (result, outcome) in results.iter().zip(&outcomes) {
             if *outcome == RecordOutcome::Recorded {
                 let lag = (now - result.finished_at).to_std().unwrap_or_default();
-                recorded.push((result.finished_at, lag));
+                lags.push(lag);
             }
         }
         Ok(outcomes)
