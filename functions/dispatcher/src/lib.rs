@@ -307,7 +307,11 @@ impl Dispatcher<'_> {
         let room = usize::try_from(room).unwrap_or(usize::MAX);
         // By the clock, not by `now`: a pass may be told another time than
         // the one it runs in.
-        let stop_at = self.clock.now() + span_of(self.settings.pass_budget);
+        let stop_at = self
+            .clock
+            .now()
+            .checked_add_signed(span_of(self.settings.pass_budget))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         // A failure to queue still lets the fleet be sized (pending work
         // is then assumed): the pass fails after that.
         let queuing = self.queue_pending(&run.id, room, stop_at).await;
