@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use nightshift_core::fakes::{FakeFleet, MemoryStore};
-use nightshift_core::limits::{SQS_BATCH_ENTRIES, SQS_MESSAGE_LIMIT};
+use nightshift_core::fakes::{FakeFleet, MemoryStore, refuse_oversized_batch};
 use nightshift_core::plan::{FleetPlan, Lifecycle};
 use nightshift_core::ports::{
     AttemptKind, Cursor, Fleet, Outgoing, Page, PendingTasks, Queue, Received, RecordOutcome,
@@ -584,10 +583,7 @@ impl Future for Arrival<'_> {
 impl Queue for SqsQueue {
     async fn send_batch(&self, messages: &[Outgoing]) -> Result<Vec<String>, Error> {
         self.cloud.latency(Service::Sqs, "SendMessageBatch").await;
-        let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
-        if messages.len() > SQS_BATCH_ENTRIES || bytes > SQS_MESSAGE_LIMIT {
-            return Err(Error::permanent("SendMessageBatch", "BatchRequestTooLong"));
-        }
+        refuse_oversized_batch(messages)?;
         let waiters = {
             let mut state = lock(&self.state);
             for message in messages {

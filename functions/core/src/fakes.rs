@@ -924,20 +924,27 @@ impl MemoryQueue {
     }
 }
 
+/// A batch over SQS's limits, refused as SQS refuses it (for queues that
+/// stand in for SQS).
+pub fn refuse_oversized_batch(messages: &[Outgoing]) -> Result<(), Error> {
+    let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
+    if messages.len() > SQS_BATCH_ENTRIES || bytes > SQS_MESSAGE_LIMIT {
+        return Err(Error::permanent(
+            "SendMessageBatch",
+            format!(
+                "BatchRequestTooLong: {} entries, {bytes} bytes",
+                messages.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn send_batch(&self, messages: &[Outgoing]) -> Result<Vec<String>, Error> {
         network().await;
-        let bytes: usize = messages.iter().map(|m| m.body.len()).sum();
-        if messages.len() > SQS_BATCH_ENTRIES || bytes > SQS_MESSAGE_LIMIT {
-            return Err(Error::permanent(
-                "SendMessageBatch",
-                format!(
-                    "BatchRequestTooLong: {} entries, {bytes} bytes",
-                    messages.len()
-                ),
-            ));
-        }
+        refuse_oversized_batch(messages)?;
         lock(&self.state).send_calls += 1;
         for message in messages {
             self.push(&message.body);

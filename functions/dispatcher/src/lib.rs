@@ -460,6 +460,12 @@ impl Dispatcher<'_> {
         Ok(false)
     }
 
+    /// The most slots a run may have: every instance allowed, of the
+    /// preferred type.
+    fn max_slots(&self) -> u64 {
+        u64::from(self.settings.max_instances) * u64::from(self.settings.slots_per_instance.max(1))
+    }
+
     /// How many of the run's tasks to keep queued: what every slot the run
     /// may have takes, at its fastest kernel's measured pace, until the
     /// pass after next (one may be skipped), so that no slot waits for a
@@ -469,8 +475,7 @@ impl Dispatcher<'_> {
         let Some(mean_ms) = fastest else {
             return self.settings.max_queued;
         };
-        let slots = u64::from(self.settings.max_instances)
-            * u64::from(self.settings.slots_per_instance.max(1));
+        let slots = self.max_slots();
         let horizon_ms =
             u64::try_from(2 * self.settings.pass_interval.as_millis()).unwrap_or(u64::MAX);
         let per_slot = horizon_ms.div_ceil(mean_ms.max(1)).saturating_add(1);
@@ -623,8 +628,7 @@ impl Dispatcher<'_> {
         more_pending: bool,
     ) -> Result<(usize, FleetPlan), DispatchError> {
         let policy = &self.settings.plan;
-        let max_slots = u64::from(self.settings.max_instances)
-            * u64::from(self.settings.slots_per_instance.max(1));
+        let max_slots = self.max_slots();
         let running = slots_running(run, instances, now, self.settings.slots_per_instance);
         let load = Workload::of(&run.kernel_work(), policy.prior_ms);
         let mut decision = plan::decide(&load, running, max_slots, now, run.deadline, policy);
