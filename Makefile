@@ -41,7 +41,14 @@ $(VENV)/.installed: requirements-dev.txt
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-venv: $(VENV)/.installed
+# The emulator the local stack runs: moto_server with one fix of its speed
+# (cli/emulator/nightshift-emulator.py), on the venv's interpreter.
+EMULATOR := $(VENV)/bin/nightshift-emulator
+$(EMULATOR): cli/emulator/nightshift-emulator.py $(VENV)/.installed
+	{ echo '#!$(CURDIR)/$(VENV)/bin/python'; tail -n +2 $<; } >$@
+	chmod +x $@
+
+venv: $(VENV)/.installed $(EMULATOR)
 
 # Tooling for make package, make lint and deploying: cargo-lambda (with zig)
 # and the SAM CLI.

@@ -86,7 +86,7 @@ impl Stack {
             .arg("--template")
             .arg(repository().join("template.yaml"))
             .arg("--emulator-bin")
-            .arg(repository().join(".venv/bin/moto_server"))
+            .arg(repository().join(".venv/bin/nightshift-emulator"))
             .env("AWS_ENDPOINT_URL", &endpoint)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ACCESS_KEY_ID", "test")

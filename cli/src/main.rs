@@ -370,10 +370,10 @@ struct StackArgs {
     template: PathBuf,
     #[arg(long, default_value = "nightshift-local")]
     stack_name: String,
-    /// The emulator's server program (moto's).
+    /// The emulator's server program (moto's, as `make venv` installs it).
     #[arg(
         long,
-        default_value = ".venv/bin/moto_server",
+        default_value = ".venv/bin/nightshift-emulator",
         env = "NIGHTSHIFT_EMULATOR"
     )]
     emulator_bin: PathBuf,
