@@ -880,6 +880,8 @@ struct QueueState {
     sent: Vec<String>,
     send_calls: usize,
     delete_calls: usize,
+    /// How many messages each receive that found any took.
+    receipts: Vec<usize>,
     visibility_changes: Vec<(String, Duration)>,
 }
 
@@ -895,6 +897,11 @@ impl MemoryQueue {
 
     pub fn delete_calls(&self) -> usize {
         lock(&self.state).delete_calls
+    }
+
+    /// How many messages each receive that found any took, in order.
+    pub fn receipts(&self) -> Vec<usize> {
+        lock(&self.state).receipts.clone()
     }
 
     pub fn visible(&self) -> usize {
@@ -974,6 +981,9 @@ impl Queue for MemoryQueue {
                 receive_count: count + 1,
                 body,
             });
+        }
+        if !received.is_empty() {
+            state.receipts.push(received.len());
         }
         Ok(received)
     }

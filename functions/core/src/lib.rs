@@ -12,6 +12,7 @@ pub mod message;
 pub mod metrics;
 pub mod model;
 pub mod night;
+pub mod pace;
 pub mod plan;
 pub mod ports;
 pub mod retry;

@@ -25,18 +25,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use nightshift_core::limits::{ClaimCheck, SQS_BATCH_ENTRIES};
+use nightshift_core::limits::ClaimCheck;
 use nightshift_core::metrics::Emf;
+use nightshift_core::pace;
 use nightshift_core::ports::{BlobStore, Outgoing, Queue, Received, RunReader, UsageSource};
 use nightshift_core::{Envelope, TaskMessage, UsageReport};
 use nightshift_kernels::{Control, Registry};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, Window};
 use crate::metadata::InstanceMetadata;
 use crate::runs::RunGate;
 
@@ -108,12 +109,14 @@ pub enum WorkerError {
     Start(#[source] nightshift_core::Error),
 }
 
-/// A message this worker holds: its task, when it was received, and the
-/// control that stops its kernel.
+/// A message this worker holds: its task, when it was received, until when
+/// it stays hidden as far as the worker knows, and the control that stops
+/// its kernel.
 struct HeldTask {
     message: Received,
     task: TaskMessage,
     received_at: Instant,
+    hidden_until: Instant,
     control: Control,
 }
 
@@ -150,6 +153,8 @@ pub(crate) struct Context {
     pub registry: Registry,
     pub settings: Settings,
     pub instance_id: String,
+    /// How long a received task message stays hidden.
+    pub visibility: Duration,
     pub send_result: Batcher<String>,
     pub send_task: Batcher<String>,
     pub delete_task: Batcher<String>,
@@ -160,23 +165,32 @@ pub(crate) struct Context {
     pub kernels: Arc<Semaphore>,
     /// How long the last kernel ran (`u64::MAX`: none yet).
     pub last_kernel_ms: AtomicU64,
+    /// The last receive got fewer messages than it asked for.
+    pub queue_short: AtomicBool,
     /// Tasks received whose kernel has not ended yet (running, or waiting
     /// for a slot); those whose results wait for a batch are not counted.
-    pub unfinished: AtomicUsize,
+    pub unfinished: Arc<AtomicUsize>,
+    /// The worker is stopping: nothing waits to fill a batch any more.
+    pub stopping: Arc<AtomicBool>,
     /// Told each time a kernel ends.
     pub kernel_ended: Notify,
 }
 
-/// Below this, tasks are short enough that holding a receive's worth of
-/// messages ahead delays other workers little, and saves receives.
-const SHORT_TASK_MS: u64 = 5_000;
-
 impl Context {
-    /// Tasks to hold unfinished at most: one per slot, and a receive's worth
-    /// (ten) more ahead while tasks are short.
-    fn most_held(&self) -> usize {
-        let short = self.last_kernel_ms.load(Ordering::Relaxed) < SHORT_TASK_MS;
-        self.settings.slots + if short { SQS_BATCH_ENTRIES } else { 0 }
+    /// How many messages to receive now, or `None` to wait for a kernel to
+    /// end first (see [`pace::to_receive`]).
+    fn to_receive(&self) -> Option<usize> {
+        let last_kernel = match self.last_kernel_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
+        let slots = self.settings.slots;
+        let queue_short = self.queue_short.load(Ordering::Relaxed);
+        pace::to_receive(
+            slots,
+            pace::held_ahead(slots, last_kernel, queue_short),
+            self.unfinished.load(Ordering::Acquire),
+        )
     }
 }
 
@@ -219,19 +233,33 @@ impl Worker {
         );
         let held = Arc::new(Held::default());
         let gate = RunGate::new(self.ports.runs.clone(), launched_for.clone());
+        let unfinished = Arc::new(AtomicUsize::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let more_may_finish = {
+            let (unfinished, stopping) = (unfinished.clone(), stopping.clone());
+            move || !stopping.load(Ordering::Acquire) && unfinished.load(Ordering::Acquire) > 0
+        };
+        let short = Window::fixed(SHORT_WINDOW);
         let context = Arc::new(Context {
-            send_result: queue_sender(self.ports.results.clone(), FINISH_WINDOW),
-            send_task: queue_sender(self.ports.tasks.clone(), HAND_BACK_WINDOW),
-            delete_task: queue_deleter(self.ports.tasks.clone(), HAND_BACK_WINDOW),
-            delete_finished: queue_deleter(self.ports.tasks.clone(), FINISH_WINDOW),
+            send_result: queue_sender(
+                self.ports.results.clone(),
+                Window::while_more_may_come(pace::RESULT_WINDOW, more_may_finish),
+            ),
+            send_task: queue_sender(self.ports.tasks.clone(), short.clone()),
+            delete_task: queue_deleter(self.ports.tasks.clone(), short.clone()),
+            // The receipts of one result batch come together.
+            delete_finished: queue_deleter(self.ports.tasks.clone(), short),
             kernels: Arc::new(Semaphore::new(self.settings.slots)),
             last_kernel_ms: AtomicU64::new(u64::MAX),
-            unfinished: AtomicUsize::new(0),
+            queue_short: AtomicBool::new(false),
+            unfinished,
+            stopping,
             kernel_ended: Notify::new(),
             ports: self.ports,
             registry: self.registry,
             settings: self.settings,
             instance_id,
+            visibility,
         });
         let heartbeat = tokio::spawn(heartbeat(
             context.ports.tasks.clone(),
@@ -302,24 +330,25 @@ async fn receive_loop(
         while running.try_join_next().is_some() {
             idle_since = Instant::now();
         }
-        let unfinished = context.unfinished.load(Ordering::Acquire);
-        let free = context.most_held().saturating_sub(unfinished);
-        if free == 0 {
+        let Some(wanted) = context.to_receive() else {
             tokio::select! {
                 () = context.kernel_ended.notified() => idle_since = Instant::now(),
                 _ = shutdown.changed() => {}
                 _ = interrupted.changed() => {}
             }
             continue;
-        }
+        };
         let received = tokio::select! {
-            received = context.ports.tasks.receive(free.min(10) as u32, context.settings.wait) => received,
+            received = context.ports.tasks.receive(wanted as u32, context.settings.wait) => received,
             _ = shutdown.changed() => continue,
             _ = interrupted.changed() => continue,
         };
         let messages = match received {
             Ok(messages) => {
                 failing_since = None;
+                context
+                    .queue_short
+                    .store(messages.len() < wanted, Ordering::Relaxed);
                 messages
             }
             Err(error) => {
@@ -352,12 +381,14 @@ async fn receive_loop(
                 .count("SlotsBusy", busy as u64)
                 .count("Slots", context.settings.slots as u64)
                 .emit();
+            let received_at = Instant::now();
             held.lock().insert(
                 message.receipt.clone(),
                 HeldTask {
                     message: message.clone(),
                     task: task.clone(),
-                    received_at: Instant::now(),
+                    received_at,
+                    hidden_until: received_at + context.visibility,
                     control: control.clone(),
                 },
             );
@@ -409,6 +440,7 @@ async fn stop_running(
         held = held.lock().len(),
         "stopping: taking no new work"
     );
+    context.stopping.store(true, Ordering::Release);
     for entry in held.lock().values() {
         entry.control.request_stop();
     }
@@ -436,10 +468,12 @@ async fn stop_running(
     exit
 }
 
-/// Keeps every held message invisible: extends its visibility to the
-/// queue's timeout every third of that timeout, never past `max_hidden`
-/// (SQS's 12 hours) from receipt. A task that nears it is asked to stop at
-/// a safe point and is handed back as a continuation, which starts anew.
+/// Keeps every held message invisible: a heartbeat every third of the
+/// queue's timeout that finds a message about to surface (see
+/// [`pace::needs_extending`]) extends every held one to that timeout, never
+/// past `max_hidden` (SQS's 12 hours) from receipt; one that finds none
+/// asks nothing. A task that nears `max_hidden` is asked to stop at a safe
+/// point and is handed back as a continuation, which starts anew.
 async fn heartbeat(
     queue: Arc<dyn Queue>,
     held: Arc<Held>,
@@ -452,13 +486,19 @@ async fn heartbeat(
     let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
     loop {
         ticks.tick().await;
+        let now = Instant::now();
         let mut extend: Vec<(String, Duration)> = Vec::new();
+        let mut due = false;
         for (receipt, entry) in held.lock().iter() {
             let left = max_hidden.saturating_sub(entry.received_at.elapsed());
             if left <= renew_before {
                 entry.control.request_stop();
             }
+            due |= pace::needs_extending(entry.hidden_until.saturating_duration_since(now), every);
             extend.push((receipt.clone(), visibility.min(left)));
+        }
+        if !due {
+            continue;
         }
         // One call per timeout value: held messages mostly share the queue's.
         let mut by_timeout: HashMap<Duration, Vec<String>> = HashMap::new();
@@ -467,10 +507,23 @@ async fn heartbeat(
         }
         for (timeout, receipts) in by_timeout {
             for chunk in receipts.chunks(10) {
-                match queue.change_visibility_batch(chunk, timeout).await {
-                    Ok(failed) if failed.is_empty() => {}
-                    Ok(failed) => tracing::warn!(failed = failed.len(), "some heartbeats failed"),
-                    Err(error) => tracing::warn!(error = %error.chain(), "heartbeat failed"),
+                let failed = match queue.change_visibility_batch(chunk, timeout).await {
+                    Ok(failed) => failed,
+                    Err(error) => {
+                        tracing::warn!(error = %error.chain(), "heartbeat failed");
+                        continue;
+                    }
+                };
+                if !failed.is_empty() {
+                    tracing::warn!(failed = failed.len(), "some heartbeats failed");
+                }
+                // Only what SQS extended counts as extended: the rest is
+                // due again at the next beat.
+                let mut held = held.lock();
+                for receipt in chunk.iter().filter(|r| !failed.contains(r)) {
+                    if let Some(entry) = held.get_mut(receipt) {
+                        entry.hidden_until = now + timeout;
+                    }
                 }
             }
         }
@@ -494,15 +547,11 @@ async fn watch_spot(context: Arc<Context>, interrupt: watch::Sender<bool>) {
     }
 }
 
-/// How long a result or a delete waits for others to share its batch: a
-/// result's latency hardly matters at night, the heartbeats keep its task's
-/// message hidden meanwhile, and the kernel slot is free already.
-const FINISH_WINDOW: Duration = Duration::from_secs(1);
-/// How long a continuation, or any other delete, waits for others: a
-/// stopping worker is short of time.
-const HAND_BACK_WINDOW: Duration = Duration::from_millis(50);
+/// How long a continuation or a delete waits for others: a stopping worker
+/// is short of time, and the deletes of one result batch come together.
+const SHORT_WINDOW: Duration = Duration::from_millis(50);
 
-fn queue_sender(queue: Arc<dyn Queue>, window: Duration) -> Batcher<String> {
+fn queue_sender(queue: Arc<dyn Queue>, window: Window) -> Batcher<String> {
     Batcher::spawn(window, String::len, move |bodies: Vec<String>| {
         let queue = queue.clone();
         async move {
@@ -525,7 +574,7 @@ fn queue_sender(queue: Arc<dyn Queue>, window: Duration) -> Batcher<String> {
     })
 }
 
-fn queue_deleter(queue: Arc<dyn Queue>, window: Duration) -> Batcher<String> {
+fn queue_deleter(queue: Arc<dyn Queue>, window: Window) -> Batcher<String> {
     // Receipts are small: the count bounds a delete batch, not its bytes.
     Batcher::spawn(
         window,

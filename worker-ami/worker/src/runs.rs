@@ -5,13 +5,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use nightshift_core::pace::RUN_STATE_FRESH;
 use nightshift_core::ports::RunReader;
 use nightshift_core::{Run, RunState};
-
-/// How long a run's state is trusted before it is read again.
-const FRESH: Duration = Duration::from_secs(15);
 
 pub(crate) struct RunGate {
     runs: Arc<dyn RunReader>,
@@ -47,7 +45,7 @@ impl RunGate {
     /// result once.
     async fn run(&self, run_id: &str) -> Option<Option<Run>> {
         if let Some((at, run)) = self.lock().states.get(run_id)
-            && at.elapsed() < FRESH
+            && at.elapsed() < RUN_STATE_FRESH
         {
             return Some(run.clone());
         }

@@ -1,5 +1,6 @@
 //! The worker against in-memory queues, bucket, table and metadata.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
@@ -156,26 +157,34 @@ async fn every_task_is_reported_and_deleted_then_the_idle_worker_stops() {
     assert_eq!((rig.tasks.visible(), rig.tasks.in_flight()), (0, 0));
 }
 
-/// Short tasks one after another on two slots: their results and deletes
-/// wait a little to share batches while the slots take the next tasks, and
-/// each receive asks for a slot's worth ahead.
+/// Short tasks one after another on two slots: once the worker knows their
+/// pace it holds a receive's worth ahead and receives again only when its
+/// slots took it all, so receives carry full batches; results wait, while
+/// kernels run, to fill their batches, and so do the deletes after them.
 #[tokio::test]
-async fn short_tasks_share_their_result_and_delete_batches() {
+async fn short_tasks_share_their_receives_results_and_deletes() {
     let rig = Rig::new();
-    for i in 0..20 {
+    for i in 0..40 {
         rig.add(&format!("t{i:02}"), json!({"seconds": 0.01}));
     }
     let started = std::time::Instant::now();
     rig.worker().run(never()).await.unwrap();
-    assert_eq!(rig.reported().len(), 20);
+    assert_eq!(rig.reported().len(), 40);
     assert_eq!((rig.tasks.visible(), rig.tasks.in_flight()), (0, 0));
+    let receipts = rig.tasks.receipts();
+    // The first receive knows no pace: one message per slot.
+    assert_eq!(receipts.first(), Some(&2), "{receipts:?}");
+    assert!(
+        receipts[1..receipts.len() - 1].iter().all(|n| *n >= 8),
+        "{receipts:?}"
+    );
     let (sends, deletes) = (rig.results.send_calls(), rig.tasks.delete_calls());
     assert!(
-        sends <= 4 && deletes <= 4,
-        "{sends} result batches, {deletes} delete batches for 20 tasks"
+        sends <= 6 && deletes <= 6,
+        "{sends} result batches, {deletes} delete batches for 40 tasks"
     );
-    // The kernels did not wait for the batches: 10 rounds of 10 ms, not
-    // 10 windows of a second.
+    // The kernels did not wait for the batches: 20 rounds of 10 ms, not
+    // windows of a minute.
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -418,68 +427,176 @@ async fn messages_of_a_run_that_is_over_are_dropped_unrun() {
     );
 }
 
-#[tokio::test]
-async fn heartbeats_never_ask_past_the_longest_hiding_and_near_it_the_task_is_handed_back() {
-    // SQS's 12 hours and a 1 h timeout, scaled down: 4 s and 300 ms.
-    let (max_hidden, visibility) = (Duration::from_secs(4), Duration::from_millis(300));
-    let queue = Arc::new(MemoryQueue::default());
-    let held = Arc::new(Held::default());
+/// A queue that notes when each visibility change was asked, from its start.
+struct Stopwatch {
+    queue: MemoryQueue,
+    started: Instant,
+    asked: Mutex<Vec<(Duration, Vec<String>, Duration)>>,
+}
+
+impl Stopwatch {
+    fn new() -> Self {
+        Self {
+            queue: MemoryQueue::default(),
+            started: Instant::now(),
+            asked: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Each call: when, for which receipts, for how long.
+    fn asked(&self) -> Vec<(Duration, Vec<String>, Duration)> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Queue for Stopwatch {
+    async fn send_batch(
+        &self,
+        messages: &[Outgoing],
+    ) -> Result<Vec<String>, nightshift_core::Error> {
+        self.queue.send_batch(messages).await
+    }
+    async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+    ) -> Result<Vec<Received>, nightshift_core::Error> {
+        self.queue.receive(max, wait).await
+    }
+    async fn delete_batch(
+        &self,
+        receipts: &[String],
+    ) -> Result<Vec<String>, nightshift_core::Error> {
+        self.queue.delete_batch(receipts).await
+    }
+    async fn change_visibility_batch(
+        &self,
+        receipts: &[String],
+        timeout: Duration,
+    ) -> Result<Vec<String>, nightshift_core::Error> {
+        let at = self.started.elapsed();
+        self.asked
+            .lock()
+            .unwrap()
+            .push((at, receipts.to_vec(), timeout));
+        Ok(Vec::new())
+    }
+    async fn visibility_timeout(&self) -> Result<Duration, nightshift_core::Error> {
+        self.queue.visibility_timeout().await
+    }
+}
+
+/// Holds a message as the receive loop does, received now.
+fn hold(held: &Held, receipt: &str, visibility: Duration) -> Control {
     let control = Control::new();
-    let message = Received {
-        message_id: "m".into(),
-        receipt: "r".into(),
-        receive_count: 1,
-        body: String::new(),
-    };
-    let task = TaskMessage {
-        task_id: "t".into(),
-        run_id: "r1".into(),
-        account: "a".into(),
-        kernel: "sleep".into(),
-        payload: Blob::json(&json!(1)),
-        checkpoint_key: None,
-        prior_attempts: 0,
-    };
     let received_at = Instant::now();
     held.lock().insert(
-        "r".into(),
+        receipt.into(),
         HeldTask {
-            message,
-            task,
+            message: Received {
+                message_id: format!("m-{receipt}"),
+                receipt: receipt.into(),
+                receive_count: 1,
+                body: String::new(),
+            },
+            task: TaskMessage {
+                task_id: format!("t-{receipt}"),
+                run_id: "r1".into(),
+                account: "a".into(),
+                kernel: "sleep".into(),
+                payload: Blob::json(&json!(1)),
+                checkpoint_key: None,
+                prior_attempts: 0,
+            },
             received_at,
+            hidden_until: received_at + visibility,
             control: control.clone(),
         },
     );
+    control
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_message_hidden_never_past_the_longest_hiding_and_near_it_the_task_is_handed_back()
+ {
+    // SQS's 12 hours and a 1 h timeout, scaled down: 4 s and 300 ms.
+    let (max_hidden, visibility) = (Duration::from_secs(4), Duration::from_millis(300));
+    let queue = Arc::new(Stopwatch::new());
+    let held = Arc::new(Held::default());
+    let control = hold(&held, "r", visibility);
     let beating = tokio::spawn(heartbeat(queue.clone(), held, visibility, max_hidden));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(
         !control.should_stop(),
         "well before the limit, the task runs on"
     );
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Until just before the limit: the last extensions are cut short.
+    tokio::time::sleep(Duration::from_millis(1450)).await;
     assert!(
         control.should_stop(),
         "near the limit it is asked to stop and be handed back"
     );
     beating.abort();
-    let changes = queue.visibility_changes();
+    let asked = queue.asked();
+    // Beats come every 100 ms; a message extended to 300 ms needs one
+    // every other beat, not every beat.
     assert!(
-        changes.len() >= 30,
-        "a heartbeat every 100 ms: {}",
-        changes.len()
+        (10..=25).contains(&asked.len()),
+        "{} extensions in 3.95 s",
+        asked.len()
     );
-    // Replayed in order: no heartbeat asked to stay hidden past the limit.
-    let every = visibility / 3;
-    for (i, (_, asked)) in changes.iter().enumerate() {
-        let at = every * (i as u32 + 1);
+    // Each extension came before the message would surface, and none asked
+    // to stay hidden past the limit.
+    let mut hidden_until = visibility;
+    for (at, _, timeout) in &asked {
         assert!(
-            at + *asked <= max_hidden + every,
-            "asked {asked:?} at about {at:?}"
+            *at < hidden_until,
+            "surfaced at {hidden_until:?}, extended at {at:?}"
         );
+        assert!(
+            *at + *timeout <= max_hidden + visibility / 3,
+            "asked {timeout:?} at {at:?}"
+        );
+        hidden_until = *at + *timeout;
     }
     assert!(
-        changes.last().is_some_and(|(_, asked)| *asked < visibility),
+        asked
+            .last()
+            .is_some_and(|(_, _, timeout)| *timeout < visibility),
         "the last ones are cut short"
+    );
+}
+
+#[tokio::test]
+async fn a_message_held_briefly_is_never_extended_and_one_due_extends_all_held_at_once() {
+    // Beats every 200 ms; a message is due once held over 300 ms.
+    let visibility = Duration::from_millis(600);
+    let queue = Arc::new(Stopwatch::new());
+    let held = Arc::new(Held::default());
+    hold(&held, "early", visibility);
+    let beating = tokio::spawn(heartbeat(
+        queue.clone(),
+        held.clone(),
+        visibility,
+        Duration::from_secs(3600),
+    ));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    hold(&held, "late", visibility);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    beating.abort();
+    let asked = queue.asked();
+    let (at, receipts, _) = asked.first().expect("the early message was extended");
+    assert!(
+        *at >= Duration::from_millis(300),
+        "extended at {at:?}, before it was due"
+    );
+    let mut receipts = receipts.clone();
+    receipts.sort();
+    assert_eq!(
+        receipts,
+        ["early", "late"],
+        "one call for every held message"
     );
 }
 

@@ -1,0 +1,111 @@
+//! How a worker paces its requests to SQS so that most of them carry a
+//! full batch: how many messages it holds beyond its slots, when it
+//! receives, how long a finished task's result waits for others, and when
+//! its held messages need a heartbeat. Pure rules, shared by the worker
+//! daemon and the scale model, which counts what they cost.
+
+use std::time::Duration;
+
+use crate::limits::SQS_BATCH_ENTRIES;
+
+/// The most work a worker holds ahead of its slots, in kernel time per
+/// slot: a message held ahead waits about this long at most for a slot,
+/// so the night's last tasks end at most about this much later than if
+/// every message went straight to a free slot.
+pub const AHEAD: Duration = Duration::from_secs(30);
+
+/// The longest a finished task's result waits for others to fill its batch
+/// while the worker still has tasks unfinished; once none is, it goes at
+/// once, since nothing else would join it. A result's latency hardly
+/// matters at night, and its task's message stays hidden meanwhile.
+pub const RESULT_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long a worker trusts what it read of a run (whether it is still
+/// open) before it reads it again. A cancel reaches the run's own
+/// instances by their termination; this only drops what is left of a run
+/// in the queue, so a minute late costs little, and a read a minute per
+/// worker costs a small fraction of a request per task.
+pub const RUN_STATE_FRESH: Duration = Duration::from_secs(60);
+
+/// Messages to hold beyond the slots, given how long the last kernel ran
+/// (`None`: none has yet) and whether the queue is short (the last receive
+/// got fewer messages than it asked for): what the slots get through in
+/// [`AHEAD`], at most a receive's worth. None while the queue is short:
+/// work held ahead by one worker would wait while another's slots idle.
+pub fn held_ahead(slots: usize, last_kernel: Option<Duration>, queue_short: bool) -> usize {
+    let Some(kernel) = last_kernel.filter(|_| !queue_short) else {
+        return 0;
+    };
+    let per_slot = AHEAD.as_millis() / kernel.as_millis().max(1);
+    usize::try_from(per_slot)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(slots)
+        .min(SQS_BATCH_ENTRIES)
+}
+
+/// How many messages to ask for while `unfinished` tasks are held (received,
+/// their kernel not ended), or `None` to wait for a kernel to end first. A
+/// worker that holds work ahead receives again only once its slots have
+/// taken all of it, so that a receive asks for a batch's worth, not for
+/// the one or two slots just freed.
+pub fn to_receive(slots: usize, ahead: usize, unfinished: usize) -> Option<usize> {
+    let free = (slots + ahead).saturating_sub(unfinished);
+    (free > 0 && free >= ahead).then_some(free.min(SQS_BATCH_ENTRIES))
+}
+
+/// Whether a held message, still hidden for `hidden_for`, must have its
+/// visibility extended at a heartbeat that comes `every` so often: it would
+/// end before the next one, with half a beat to spare for the request. A
+/// heartbeat that finds one such message extends every held message in
+/// the same calls, so most messages are never extended, and none alone.
+pub fn needs_extending(hidden_for: Duration, every: Duration) -> bool {
+    hidden_for < every + every / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn work_is_held_ahead_only_once_the_pace_is_known_for_short_kernels_from_a_full_queue() {
+        assert_eq!(held_ahead(2, None, false), 0);
+        assert_eq!(held_ahead(2, Some(10 * SECOND), false), 6);
+        assert_eq!(
+            held_ahead(2, Some(Duration::ZERO), false),
+            SQS_BATCH_ENTRIES
+        );
+        assert_eq!(held_ahead(2, Some(20 * SECOND), false), 2);
+        assert_eq!(held_ahead(2, Some(31 * SECOND), false), 0);
+        assert_eq!(held_ahead(64, Some(29 * SECOND), false), SQS_BATCH_ENTRIES);
+        assert_eq!(
+            held_ahead(2, Some(10 * SECOND), true),
+            0,
+            "the queue is short"
+        );
+    }
+
+    #[test]
+    fn a_worker_holding_work_ahead_receives_a_batch_once_its_slots_took_it() {
+        // No pace yet: one message per free slot.
+        assert_eq!(to_receive(2, 0, 0), Some(2));
+        assert_eq!(to_receive(2, 0, 1), Some(1));
+        assert_eq!(to_receive(2, 0, 2), None);
+        // Six ahead: a receive of eight to start, none while any waits for
+        // a slot, then six or more.
+        assert_eq!(to_receive(2, 6, 0), Some(8));
+        assert_eq!(to_receive(2, 6, 3), None);
+        assert_eq!(to_receive(2, 6, 2), Some(6));
+        assert_eq!(to_receive(2, 10, 1), Some(SQS_BATCH_ENTRIES));
+    }
+
+    #[test]
+    fn only_a_message_that_would_surface_before_the_next_beat_needs_one() {
+        let every = 40 * SECOND;
+        assert!(!needs_extending(120 * SECOND, every));
+        assert!(!needs_extending(61 * SECOND, every));
+        assert!(needs_extending(59 * SECOND, every));
+        assert!(needs_extending(Duration::ZERO, every));
+    }
+}
