@@ -489,6 +489,11 @@ impl SqsQueue {
         }
     }
 
+    /// How long a received message stays hidden.
+    pub fn visibility(&self) -> Duration {
+        self.visibility
+    }
+
     /// Messages waiting to be received.
     pub fn visible(&self) -> usize {
         let mut state = lock(&self.state);

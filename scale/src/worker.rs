@@ -1,11 +1,15 @@
 //! A worker instance as the model runs it: the daemon's loop reduced to
-//! what moves requests and time. It receives as many messages as it has
-//! free slots (long polls of 20 s), runs each kernel for the task's time,
-//! gathers finished tasks for up to a second to send their results and
-//! then delete their messages in batches, and stops when the queue has
-//! been empty for its idle time.
+//! what moves requests and time, paced by the daemon's own rules
+//! (`nightshift_core::pace`). It holds work ahead of its slots once it knows
+//! the kernels' pace and receives a batch's worth when its slots have taken
+//! it; it runs each kernel for the task's time; a finished task's result
+//! waits for others while the worker has tasks unfinished, then the batch
+//! is sent and its messages deleted; a heartbeat extends the held messages
+//! when one is about to surface; it reads its run once a while, and stops
+//! when the queue has been empty for its idle time.
 
-use std::cell::Cell;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -14,17 +18,14 @@ use futures::channel::mpsc;
 use futures::future::{Either, select};
 use futures::task::LocalSpawnExt;
 use nightshift_core::limits::SQS_BATCH_ENTRIES;
+use nightshift_core::pace;
 use nightshift_core::ports::{Outgoing, Queue, Received, RunReader};
 use nightshift_core::{Blob, Envelope, RunState, TaskOutcome, TaskResult};
 
 use crate::night::World;
 
-/// How long finished tasks wait to share a batch (the daemon's window).
-const FINISH_WINDOW: Duration = Duration::from_secs(1);
 /// The daemon's long poll.
 const WAIT: Duration = Duration::from_secs(20);
-/// How long the daemon trusts a run's state.
-const RUN_FRESH: Duration = Duration::from_secs(15);
 
 /// A task the worker ran: its message and its result.
 struct Finished {
@@ -32,33 +33,75 @@ struct Finished {
     result: TaskResult,
 }
 
+/// What one instance's worker holds.
+#[derive(Default)]
+struct Holding {
+    /// Received, waiting for a slot.
+    ahead: VecDeque<Received>,
+    running: usize,
+    last_kernel: Option<Duration>,
+    /// The last receive got fewer messages than it asked for.
+    queue_short: bool,
+    /// Every message held, by receipt: until when it stays hidden.
+    hidden_until: HashMap<String, Duration>,
+    stopped: bool,
+}
+
+impl Holding {
+    fn unfinished(&self) -> usize {
+        self.ahead.len() + self.running
+    }
+}
+
 /// Runs one instance's worker from its boot to its stop.
 pub async fn work(world: Rc<World>, instance_id: String, slots: usize) {
+    let holding = Rc::new(RefCell::new(Holding::default()));
     let (finished, batches) = mpsc::unbounded::<Finished>();
+    // Told when a kernel ends (a slot is free), and when the worker has
+    // nothing unfinished left.
+    let (ended_tx, mut ended) = mpsc::unbounded::<()>();
+    let (idle_tx, idle) = mpsc::unbounded::<()>();
+    let signals = Signals {
+        ended: ended_tx,
+        idle: idle_tx,
+    };
     let reporter = world
         .spawner
-        .spawn_local_with_handle(report(Rc::clone(&world), batches))
+        .spawn_local_with_handle(report(
+            Rc::clone(&world),
+            Rc::clone(&holding),
+            batches,
+            idle,
+        ))
         .ok();
-    let (freed_tx, mut freed) = mpsc::unbounded::<()>();
-    let running = Rc::new(Cell::new(0_usize));
+    let _ = world
+        .spawner
+        .spawn_local(heartbeat(Rc::clone(&world), Rc::clone(&holding)));
     let mut idle_since = world.cloud.clock.now();
     let mut run_read_at: Option<Duration> = None;
     loop {
-        let free = slots - running.get();
-        if free == 0 {
-            freed.next().await;
+        start_kernels(&world, &holding, slots, &instance_id, &finished, &signals);
+        let wanted = {
+            let holding = holding.borrow();
+            let ahead = pace::held_ahead(slots, holding.last_kernel, holding.queue_short);
+            pace::to_receive(slots, ahead, holding.unfinished())
+        };
+        let Some(wanted) = wanted else {
+            ended.next().await;
             continue;
-        }
-        let received = match world.tasks.receive(free as u32, WAIT).await {
+        };
+        let received = match world.tasks.receive(wanted as u32, WAIT).await {
             Ok(received) => received,
             Err(_) => {
                 world.cloud.clock.sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
+        holding.borrow_mut().queue_short = received.len() < wanted;
         let now = world.cloud.clock.now();
         if received.is_empty() {
-            if running.get() == 0 && now - idle_since >= world.settings.worker_idle {
+            if holding.borrow().unfinished() == 0 && now - idle_since >= world.settings.worker_idle
+            {
                 // Read anew: it stops unless the run has work waiting.
                 let run = world.store.run(&world.run_id()).await;
                 if matches!(run, Ok(Some(run)) if run.state == RunState::Open && run.waiting) {
@@ -70,28 +113,22 @@ pub async fn work(world: Rc<World>, instance_id: String, slots: usize) {
             continue;
         }
         idle_since = now;
-        // The daemon trusts a run's state for 15 s, then reads it again, to
-        // drop messages of a run no longer open.
-        if run_read_at.is_none_or(|at| now - at >= RUN_FRESH) {
+        // The daemon trusts a run's state for a while, then reads it again,
+        // to drop messages of a run no longer open.
+        if run_read_at.is_none_or(|at| now - at >= pace::RUN_STATE_FRESH) {
             let _ = world.store.run(&world.run_id()).await;
             run_read_at = Some(now);
         }
+        let visibility = world.tasks.visibility();
+        let mut holding = holding.borrow_mut();
         for message in received {
-            running.set(running.get() + 1);
-            let kernel = run_kernel(
-                Rc::clone(&world),
-                message,
-                instance_id.clone(),
-                finished.clone(),
-            );
-            let (running, freed_tx) = (Rc::clone(&running), freed_tx.clone());
-            let _ = world.spawner.spawn_local(async move {
-                kernel.await;
-                running.set(running.get() - 1);
-                let _ = freed_tx.unbounded_send(());
-            });
+            holding
+                .hidden_until
+                .insert(message.receipt.clone(), now + visibility);
+            holding.ahead.push_back(message);
         }
     }
+    holding.borrow_mut().stopped = true;
     drop(finished);
     if let Some(reporter) = reporter {
         reporter.await;
@@ -100,14 +137,59 @@ pub async fn work(world: Rc<World>, instance_id: String, slots: usize) {
     world.fleet.lose(&instance_id);
 }
 
+/// What a kernel tells as it ends.
+struct Signals {
+    /// A slot is free.
+    ended: mpsc::UnboundedSender<()>,
+    /// Nothing is left unfinished: a result batch need not wait.
+    idle: mpsc::UnboundedSender<()>,
+}
+
+/// Gives every free slot a message held ahead.
+fn start_kernels(
+    world: &Rc<World>,
+    holding: &Rc<RefCell<Holding>>,
+    slots: usize,
+    instance_id: &str,
+    finished: &mpsc::UnboundedSender<Finished>,
+    signals: &Signals,
+) {
+    let mut held = holding.borrow_mut();
+    while held.running < slots {
+        let Some(message) = held.ahead.pop_front() else {
+            return;
+        };
+        held.running += 1;
+        let kernel = run_kernel(
+            Rc::clone(world),
+            message,
+            instance_id.to_owned(),
+            finished.clone(),
+        );
+        let holding = Rc::clone(holding);
+        let (ended, idle) = (signals.ended.clone(), signals.idle.clone());
+        let _ = world.spawner.spawn_local(async move {
+            let took = kernel.await;
+            let mut holding = holding.borrow_mut();
+            holding.running -= 1;
+            holding.last_kernel = Some(took);
+            let _ = ended.unbounded_send(());
+            if holding.unfinished() == 0 {
+                let _ = idle.unbounded_send(());
+            }
+        });
+    }
+}
+
+/// Runs one kernel; returns how long it took.
 async fn run_kernel(
     world: Rc<World>,
     message: Received,
     instance_id: String,
     finished: mpsc::UnboundedSender<Finished>,
-) {
+) -> Duration {
     let Ok(Envelope::Task(task)) = Envelope::from_json(&message.body) else {
-        return;
+        return Duration::ZERO;
     };
     let started = world.now();
     world.cloud.clock.sleep(world.settings.task_time).await;
@@ -130,18 +212,36 @@ async fn run_kernel(
         receipt: message.receipt,
         result,
     });
+    world.settings.task_time
 }
 
-/// Sends results and then deletes their tasks' messages, a window's
-/// worth at a time.
-async fn report(world: Rc<World>, mut finished: mpsc::UnboundedReceiver<Finished>) {
+/// Sends results and then deletes their tasks' messages: a batch waits up
+/// to the result window for others while the worker has tasks unfinished.
+async fn report(
+    world: Rc<World>,
+    holding: Rc<RefCell<Holding>>,
+    mut finished: mpsc::UnboundedReceiver<Finished>,
+    mut idle: mpsc::UnboundedReceiver<()>,
+) {
     while let Some(first) = finished.next().await {
         let mut batch = vec![first];
-        let until = world.cloud.clock.now() + FINISH_WINDOW;
+        let until = world.cloud.clock.now() + pace::RESULT_WINDOW;
         while batch.len() < SQS_BATCH_ENTRIES {
-            match select(finished.next(), world.cloud.clock.sleep_until(until)).await {
+            if holding.borrow().unfinished() == 0 {
+                // Nothing else is coming; what already came goes along.
+                while batch.len() < SQS_BATCH_ENTRIES
+                    && let Ok(next) = finished.try_recv()
+                {
+                    batch.push(next);
+                }
+                break;
+            }
+            let wake = select(idle.next(), world.cloud.clock.sleep_until(until));
+            match select(finished.next(), wake).await {
                 Either::Left((Some(next), _)) => batch.push(next),
-                Either::Left((None, _)) | Either::Right(_) => break,
+                Either::Left((None, _)) => break,
+                Either::Right((Either::Right(_), _)) => break,
+                Either::Right((Either::Left(_), _)) => {}
             }
         }
         let outgoing: Vec<Outgoing> = batch
@@ -157,5 +257,49 @@ async fn report(world: Rc<World>, mut finished: mpsc::UnboundedReceiver<Finished
         }
         let receipts: Vec<String> = batch.into_iter().map(|f| f.receipt).collect();
         let _ = world.tasks.delete_batch(&receipts).await;
+        let mut holding = holding.borrow_mut();
+        for receipt in &receipts {
+            holding.hidden_until.remove(receipt);
+        }
+    }
+}
+
+/// The daemon's heartbeat: every third of the visibility timeout, if a
+/// held message is about to surface, every held one is extended.
+async fn heartbeat(world: Rc<World>, holding: Rc<RefCell<Holding>>) {
+    let visibility = world.tasks.visibility();
+    let every = visibility / 3;
+    loop {
+        world.cloud.clock.sleep(every).await;
+        let now = world.cloud.clock.now();
+        let receipts: Vec<String> = {
+            let holding = holding.borrow();
+            if holding.stopped {
+                return;
+            }
+            let due = holding
+                .hidden_until
+                .values()
+                .any(|until| pace::needs_extending(until.saturating_sub(now), every));
+            if !due {
+                continue;
+            }
+            holding.hidden_until.keys().cloned().collect()
+        };
+        for chunk in receipts.chunks(SQS_BATCH_ENTRIES) {
+            if world
+                .tasks
+                .change_visibility_batch(chunk, visibility)
+                .await
+                .is_ok()
+            {
+                let mut holding = holding.borrow_mut();
+                for receipt in chunk {
+                    if let Some(until) = holding.hidden_until.get_mut(receipt) {
+                        *until = now + visibility;
+                    }
+                }
+            }
+        }
     }
 }
