@@ -19,7 +19,7 @@ NIGHTSHIFT := $(BIN)/nightshift
 ACCOUNTS ?= 50
 CHAOS_TASKS ?= 300
 
-.PHONY: help venv browser build fmt fmt-check clippy lint unit e2e contract chaos test demo dashboard bench bench-orchestration bench-scale package upload-worker clean
+.PHONY: help venv browser build fmt fmt-check clippy lint unit e2e contract chaos test demo dashboard kernel-arm64 bench bench-orchestration bench-scale package upload-worker clean
 
 help:
 	@echo "make demo     run a night on the local stack: $(ACCOUNTS) accounts, spot workers, the report"
@@ -29,6 +29,7 @@ help:
 	@echo "make contract the API against openapi.yaml with schemathesis (CONTRACT_EXAMPLES=$(CONTRACT_EXAMPLES))"
 	@echo "make chaos    the chaos test at $(CHAOS_TASKS) tasks (CHAOS_SEED=n replays a seed)"
 	@echo "make bench    kernel benchmark against NumPy"
+	@echo "make kernel-arm64  the kernel's tests built for arm64 (the workers' CPU), run under qemu-user"
 	@echo "make bench-orchestration  AWS calls, units and dollars per task through the local stack"
 	@echo "make bench-scale  the scale model: $(SCALE_TASKS) tasks on $(SCALE_INSTANCES) instances in virtual time"
 	@echo "make package  release builds for Lambda (arm64) and the worker, which goes to $(DIST)/worker/"
@@ -136,6 +137,22 @@ demo: venv build
 # run `nightshift local up` first, or pass --api for a deployed stack).
 dashboard: build
 	$(NIGHTSHIFT) dashboard
+
+# The kernel's bits on the workers' CPU: its portfolio tests built for
+# aarch64 and run under qemu-user, which emulates arm64's arithmetic exactly
+# (so the bits, not the speed). Apart from `make test`: the toolchain's
+# aarch64 standard library is an extra download.
+AARCH64_GCC := /usr/bin/aarch64-linux-gnu-gcc
+QEMU_AARCH64 := /usr/bin/qemu-aarch64
+$(AARCH64_GCC) $(QEMU_AARCH64) &:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+
+kernel-arm64: $(AARCH64_GCC) $(QEMU_AARCH64)
+	rustup target list --installed | grep -qx aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=$(AARCH64_GCC) \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$(QEMU_AARCH64) -L /usr/aarch64-linux-gnu" \
+		cargo test -p nightshift-kernels --locked --target aarch64-unknown-linux-gnu portfolio::
 
 bench: venv
 	bash worker-ami/kernels/bench/run.sh
