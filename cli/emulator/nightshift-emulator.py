@@ -17,8 +17,15 @@ import functools
 import sys
 import threading
 
+import moto
 import moto.dynamodb.models as dynamodb
 from moto.server import main
+
+# Written against this version's transact_write_items: before moving the
+# pin, check that it still copies the table per item (or drop this file).
+MOTO_VERSION = "5.2.5"
+if moto.__version__ != MOTO_VERSION:
+    sys.exit(f"nightshift-emulator is written for moto {MOTO_VERSION}, not {moto.__version__}")
 
 
 class _CopyOncePerTransaction:

@@ -39,7 +39,8 @@ struct Holding {
     /// Received, waiting for a slot.
     ahead: VecDeque<Received>,
     running: usize,
-    last_kernel: Option<Duration>,
+    /// See `pace::kernel_pace`.
+    kernel_pace: Option<Duration>,
     /// The last receive got fewer messages than it asked for.
     queue_short: bool,
     /// Every message held, by receipt: until when it stays hidden.
@@ -83,13 +84,14 @@ pub async fn work(world: Rc<World>, instance_id: String, slots: usize) {
         start_kernels(&world, &holding, slots, &instance_id, &finished, &signals);
         let wanted = {
             let holding = holding.borrow();
-            let ahead = pace::held_ahead(slots, holding.last_kernel, holding.queue_short);
+            let ahead = pace::held_ahead(slots, holding.kernel_pace, holding.queue_short);
             pace::to_receive(slots, ahead, holding.unfinished())
         };
         let Some(wanted) = wanted else {
             ended.next().await;
             continue;
         };
+        let asked_at = world.cloud.clock.now();
         let received = match world.tasks.receive(wanted as u32, WAIT).await {
             Ok(received) => received,
             Err(_) => {
@@ -124,7 +126,7 @@ pub async fn work(world: Rc<World>, instance_id: String, slots: usize) {
         for message in received {
             holding
                 .hidden_until
-                .insert(message.receipt.clone(), now + visibility);
+                .insert(message.receipt.clone(), asked_at + visibility);
             holding.ahead.push_back(message);
         }
     }
@@ -172,7 +174,9 @@ fn start_kernels(
             let took = kernel.await;
             let mut holding = holding.borrow_mut();
             holding.running -= 1;
-            holding.last_kernel = Some(took);
+            if let Some(took) = took {
+                holding.kernel_pace = Some(pace::kernel_pace(holding.kernel_pace, took));
+            }
             let _ = ended.unbounded_send(());
             if holding.unfinished() == 0 {
                 let _ = idle.unbounded_send(());
@@ -181,15 +185,15 @@ fn start_kernels(
     }
 }
 
-/// Runs one kernel; returns how long it took.
+/// Runs one kernel; returns how long it took, if it ran.
 async fn run_kernel(
     world: Rc<World>,
     message: Received,
     instance_id: String,
     finished: mpsc::UnboundedSender<Finished>,
-) -> Duration {
+) -> Option<Duration> {
     let Ok(Envelope::Task(task)) = Envelope::from_json(&message.body) else {
-        return Duration::ZERO;
+        return None;
     };
     let started = world.now();
     world.cloud.clock.sleep(world.settings.task_time).await;
@@ -212,7 +216,7 @@ async fn run_kernel(
         receipt: message.receipt,
         result,
     });
-    world.settings.task_time
+    Some(world.settings.task_time)
 }
 
 /// Sends results and then deletes their tasks' messages: a batch waits up
@@ -264,13 +268,15 @@ async fn report(
     }
 }
 
-/// The daemon's heartbeat: every third of the visibility timeout, if a
-/// held message is about to surface, every held one is extended.
+/// The daemon's heartbeat: at each look, if a held message is about to
+/// surface, every held one is extended.
 async fn heartbeat(world: Rc<World>, holding: Rc<RefCell<Holding>>) {
     let visibility = world.tasks.visibility();
-    let every = visibility / 3;
+    let every = pace::heartbeat_every(visibility);
+    let mut look = world.cloud.clock.now();
     loop {
-        world.cloud.clock.sleep(every).await;
+        look += every;
+        world.cloud.clock.sleep_until(look).await;
         let now = world.cloud.clock.now();
         let receipts: Vec<String> = {
             let holding = holding.borrow();
@@ -280,24 +286,20 @@ async fn heartbeat(world: Rc<World>, holding: Rc<RefCell<Holding>>) {
             let due = holding
                 .hidden_until
                 .values()
-                .any(|until| pace::needs_extending(until.saturating_sub(now), every));
+                .any(|until| pace::needs_extending(until.saturating_sub(now), visibility));
             if !due {
                 continue;
             }
             holding.hidden_until.keys().cloned().collect()
         };
         for chunk in receipts.chunks(SQS_BATCH_ENTRIES) {
-            if world
-                .tasks
-                .change_visibility_batch(chunk, visibility)
-                .await
-                .is_ok()
-            {
-                let mut holding = holding.borrow_mut();
-                for receipt in chunk {
-                    if let Some(until) = holding.hidden_until.get_mut(receipt) {
-                        *until = now + visibility;
-                    }
+            let Ok(failed) = world.tasks.change_visibility_batch(chunk, visibility).await else {
+                continue;
+            };
+            let mut holding = holding.borrow_mut();
+            for receipt in chunk.iter().filter(|r| !failed.contains(r)) {
+                if let Some(until) = holding.hidden_until.get_mut(receipt) {
+                    *until = now + visibility;
                 }
             }
         }

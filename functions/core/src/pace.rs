@@ -27,13 +27,25 @@ pub const RESULT_WINDOW: Duration = Duration::from_secs(60);
 /// worker costs a small fraction of a request per task.
 pub const RUN_STATE_FRESH: Duration = Duration::from_secs(60);
 
-/// Messages to hold beyond the slots, given how long the last kernel ran
-/// (`None`: none has yet) and whether the queue is short (the last receive
-/// got fewer messages than it asked for): what the slots get through in
-/// [`AHEAD`], at most a receive's worth. None while the queue is short:
-/// work held ahead by one worker would wait while another's slots idle.
-pub fn held_ahead(slots: usize, last_kernel: Option<Duration>, queue_short: bool) -> usize {
-    let Some(kernel) = last_kernel.filter(|_| !queue_short) else {
+/// The pace work is held ahead at, after a kernel ran to its end for
+/// `ran`: the slowest recent kernel. A longer run counts at once; shorter
+/// ones wear the pace down by a quarter per kernel, so one quick task
+/// among long ones does not fill the slots' wait with hours of work. Only
+/// a kernel that ran to its end counts (not a stop, nor an attempt that
+/// failed before its kernel ran).
+pub fn kernel_pace(previous: Option<Duration>, ran: Duration) -> Duration {
+    previous.map_or(ran, |pace| ran.max(pace * 3 / 4))
+}
+
+/// Messages to hold beyond the slots, given the kernels' pace (`None`: no
+/// kernel has ended yet, see [`kernel_pace`]) and whether the queue is
+/// short (the last receive got fewer messages than it asked for, as SQS
+/// often answers a queue of fewer than a thousand): what the slots get
+/// through in [`AHEAD`], at most a receive's worth. None while the queue
+/// is short: work held ahead by one worker would wait while another's
+/// slots idle.
+pub fn held_ahead(slots: usize, pace: Option<Duration>, queue_short: bool) -> usize {
+    let Some(kernel) = pace.filter(|_| !queue_short) else {
         return 0;
     };
     let per_slot = AHEAD.as_millis() / kernel.as_millis().max(1);
@@ -53,13 +65,21 @@ pub fn to_receive(slots: usize, ahead: usize, unfinished: usize) -> Option<usize
     (free > 0 && free >= ahead).then_some(free.min(SQS_BATCH_ENTRIES))
 }
 
+/// How often a worker looks for held messages to extend, for a queue's
+/// visibility timeout: a twelfth of it (a look that finds nothing due asks
+/// nothing), so that a failed extension is tried again three times before
+/// the message would surface.
+pub fn heartbeat_every(visibility: Duration) -> Duration {
+    (visibility / 12).max(Duration::from_millis(10))
+}
+
 /// Whether a held message, still hidden for `hidden_for`, must have its
-/// visibility extended at a heartbeat that comes `every` so often: it would
-/// end before the next one, with half a beat to spare for the request. A
-/// heartbeat that finds one such message extends every held message in
-/// the same calls, so most messages are never extended, and none alone.
-pub fn needs_extending(hidden_for: Duration, every: Duration) -> bool {
-    hidden_for < every + every / 2
+/// visibility extended: less than a third of the timeout is left. A
+/// heartbeat that finds one such message extends every held message to the
+/// timeout in the same calls, so a message held for less than two thirds
+/// of the timeout is never extended, and most are extended together.
+pub fn needs_extending(hidden_for: Duration, visibility: Duration) -> bool {
+    hidden_for < visibility / 3
 }
 
 #[cfg(test)]
@@ -87,6 +107,19 @@ mod tests {
     }
 
     #[test]
+    fn the_pace_follows_a_slower_kernel_at_once_and_a_quicker_one_slowly() {
+        let hour = 3600 * SECOND;
+        assert_eq!(kernel_pace(None, 10 * SECOND), 10 * SECOND);
+        assert_eq!(kernel_pace(Some(10 * SECOND), hour), hour);
+        // One quick task among hour-long ones holds nothing ahead.
+        let after_one_quick = kernel_pace(Some(hour), Duration::ZERO);
+        assert_eq!(held_ahead(2, Some(after_one_quick), false), 0);
+        // A run of quick ones wears it down.
+        let worn = (0..20).fold(hour, |pace, _| kernel_pace(Some(pace), SECOND));
+        assert!(held_ahead(2, Some(worn), false) > 0, "{worn:?}");
+    }
+
+    #[test]
     fn a_worker_holding_work_ahead_receives_a_batch_once_its_slots_took_it() {
         // No pace yet: one message per free slot.
         assert_eq!(to_receive(2, 0, 0), Some(2));
@@ -102,10 +135,12 @@ mod tests {
 
     #[test]
     fn only_a_message_that_would_surface_before_the_next_beat_needs_one() {
-        let every = 40 * SECOND;
-        assert!(!needs_extending(120 * SECOND, every));
-        assert!(!needs_extending(61 * SECOND, every));
-        assert!(needs_extending(59 * SECOND, every));
-        assert!(needs_extending(Duration::ZERO, every));
+        let visibility = 120 * SECOND;
+        assert!(!needs_extending(120 * SECOND, visibility));
+        assert!(!needs_extending(41 * SECOND, visibility));
+        assert!(needs_extending(39 * SECOND, visibility));
+        assert!(needs_extending(Duration::ZERO, visibility));
+        // Three more looks before it would surface.
+        assert_eq!(heartbeat_every(visibility), 10 * SECOND);
     }
 }

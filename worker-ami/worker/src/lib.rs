@@ -163,8 +163,9 @@ pub(crate) struct Context {
     /// One permit per slot, held while a kernel runs (not while its result
     /// waits for a batch).
     pub kernels: Arc<Semaphore>,
-    /// How long the last kernel ran (`u64::MAX`: none yet).
-    pub last_kernel_ms: AtomicU64,
+    /// The kernels' pace in milliseconds (`u64::MAX`: no kernel has ended
+    /// yet; see [`pace::kernel_pace`]).
+    pub kernel_pace_ms: AtomicU64,
     /// The last receive got fewer messages than it asked for.
     pub queue_short: AtomicBool,
     /// Tasks received whose kernel has not ended yet (running, or waiting
@@ -180,17 +181,27 @@ impl Context {
     /// How many messages to receive now, or `None` to wait for a kernel to
     /// end first (see [`pace::to_receive`]).
     fn to_receive(&self) -> Option<usize> {
-        let last_kernel = match self.last_kernel_ms.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            ms => Some(Duration::from_millis(ms)),
-        };
         let slots = self.settings.slots;
         let queue_short = self.queue_short.load(Ordering::Relaxed);
         pace::to_receive(
             slots,
-            pace::held_ahead(slots, last_kernel, queue_short),
+            pace::held_ahead(slots, self.kernel_pace(), queue_short),
             self.unfinished.load(Ordering::Acquire),
         )
+    }
+
+    fn kernel_pace(&self) -> Option<Duration> {
+        match self.kernel_pace_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// A kernel ran to its end in `ran`.
+    pub(crate) fn note_kernel_pace(&self, ran: Duration) {
+        let pace = pace::kernel_pace(self.kernel_pace(), ran);
+        let ms = u64::try_from(pace.as_millis()).unwrap_or(u64::MAX - 1);
+        self.kernel_pace_ms.store(ms, Ordering::Relaxed);
     }
 }
 
@@ -250,7 +261,7 @@ impl Worker {
             // The receipts of one result batch come together.
             delete_finished: queue_deleter(self.ports.tasks.clone(), short),
             kernels: Arc::new(Semaphore::new(self.settings.slots)),
-            last_kernel_ms: AtomicU64::new(u64::MAX),
+            kernel_pace_ms: AtomicU64::new(u64::MAX),
             queue_short: AtomicBool::new(false),
             unfinished,
             stopping,
@@ -338,6 +349,9 @@ async fn receive_loop(
             }
             continue;
         };
+        // SQS hides a message from the moment it hands it out: counted
+        // from before the request, the worker's reckoning is never late.
+        let asked_at = Instant::now();
         let received = tokio::select! {
             received = context.ports.tasks.receive(wanted as u32, context.settings.wait) => received,
             _ = shutdown.changed() => continue,
@@ -381,14 +395,13 @@ async fn receive_loop(
                 .count("SlotsBusy", busy as u64)
                 .count("Slots", context.settings.slots as u64)
                 .emit();
-            let received_at = Instant::now();
             held.lock().insert(
                 message.receipt.clone(),
                 HeldTask {
                     message: message.clone(),
                     task: task.clone(),
-                    received_at,
-                    hidden_until: received_at + context.visibility,
+                    received_at: asked_at,
+                    hidden_until: asked_at + context.visibility,
                     control: control.clone(),
                 },
             );
@@ -468,8 +481,8 @@ async fn stop_running(
     exit
 }
 
-/// Keeps every held message invisible: a heartbeat every third of the
-/// queue's timeout that finds a message about to surface (see
+/// Keeps every held message invisible: a heartbeat (every twelfth of the
+/// queue's timeout) that finds a message about to surface (see
 /// [`pace::needs_extending`]) extends every held one to that timeout, never
 /// past `max_hidden` (SQS's 12 hours) from receipt; one that finds none
 /// asks nothing. A task that nears `max_hidden` is asked to stop at a safe
@@ -480,7 +493,7 @@ async fn heartbeat(
     visibility: Duration,
     max_hidden: Duration,
 ) {
-    let every = (visibility / 3).max(Duration::from_millis(100));
+    let every = pace::heartbeat_every(visibility);
     // Two timeouts and a minute (at 12 hours) of room to hand it back.
     let renew_before = visibility * 2 + max_hidden / 720;
     let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
@@ -494,7 +507,8 @@ async fn heartbeat(
             if left <= renew_before {
                 entry.control.request_stop();
             }
-            due |= pace::needs_extending(entry.hidden_until.saturating_duration_since(now), every);
+            let hidden_for = entry.hidden_until.saturating_duration_since(now);
+            due |= pace::needs_extending(hidden_for, visibility);
             extend.push((receipt.clone(), visibility.min(left)));
         }
         if !due {

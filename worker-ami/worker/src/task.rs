@@ -29,6 +29,12 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
     // A slot, for as long as the kernel runs (a message received ahead
     // waits here). The semaphore is never closed.
     let slot = context.kernels.acquire().await;
+    if control.should_stop() {
+        // The worker is stopping: a task held ahead goes back unstarted.
+        drop(slot);
+        kernel_ended(context);
+        return hand_back(context, &message, &task, None, None).await;
+    }
     let started_at = Utc::now();
     tracing::info!(kernel = %task.kernel, attempts, "task started");
     let outcome = {
@@ -40,12 +46,12 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
             }
             Err(error) => Err(error),
         };
-        let ran_ms = u64::try_from(ran.elapsed().as_millis()).unwrap_or(u64::MAX);
-        context.last_kernel_ms.store(ran_ms, Ordering::Relaxed);
+        if matches!(outcome, Ok(Outcome::Done { .. })) {
+            context.note_kernel_pace(ran.elapsed());
+        }
         outcome
     };
-    context.unfinished.fetch_sub(1, Ordering::AcqRel);
-    context.kernel_ended.notify_one();
+    kernel_ended(context);
     let report = |outcome| {
         Envelope::Result(TaskResult {
             task_id: task.task_id.clone(),
@@ -94,6 +100,12 @@ async fn run(context: &Context, message: Received, task: TaskMessage, control: C
             give_up_for_now(context, &message, &task, started_at, &error).await
         }
     }
+}
+
+/// One task fewer waits for or holds a slot: the receive loop may take more.
+fn kernel_ended(context: &Context) {
+    context.unfinished.fetch_sub(1, Ordering::AcqRel);
+    context.kernel_ended.notify_one();
 }
 
 /// The kernel's time on a task that ended here, by kernel.
