@@ -34,7 +34,7 @@ pub const RUN_STATE_FRESH: Duration = Duration::from_secs(60);
 /// a kernel that ran to its end counts (not a stop, nor an attempt that
 /// failed before its kernel ran).
 pub fn kernel_pace(previous: Option<Duration>, ran: Duration) -> Duration {
-    previous.map_or(ran, |pace| ran.max(pace * 3 / 4))
+    previous.map_or(ran, |pace| ran.max(pace - pace / 4))
 }
 
 /// Messages to hold beyond the slots, given the kernels' pace (`None`: no
