@@ -1,5 +1,6 @@
 //! The night's figures as a table, and one line for scripts.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -15,6 +16,21 @@ fn seconds(span: Duration) -> String {
     } else {
         format!("{:.0} ms", s * 1000.0)
     }
+}
+
+/// Counts by item class, each with how many still failed after retries.
+fn by_class(counts: &BTreeMap<String, u64>, failed: &BTreeMap<String, u64>) -> String {
+    if counts.is_empty() {
+        return "none".to_owned();
+    }
+    counts
+        .iter()
+        .map(|(class, n)| {
+            let failed = failed.get(class).copied().unwrap_or(0);
+            format!("{class} {n} ({failed} failed after retries)")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn thousands(n: u64) -> String {
@@ -174,39 +190,13 @@ impl Outcome {
             .map(|(class, wcu)| format!("{class} {wcu:.0}"))
             .collect();
         row("peak WCU/s of other partitions", peaks.join(", "));
-        let throttled: Vec<String> = self
-            .tally
-            .throttled
-            .iter()
-            .map(|(class, n)| {
-                let failed = self.tally.failed.get(class).copied().unwrap_or(0);
-                format!("{class} {n} ({failed} failed after retries)")
-            })
-            .collect();
         row(
             "throttled requests",
-            if throttled.is_empty() {
-                "none".to_owned()
-            } else {
-                throttled.join(", ")
-            },
+            by_class(&self.tally.throttled, &self.tally.failed),
         );
-        let conflicts: Vec<String> = self
-            .tally
-            .conflicts
-            .iter()
-            .map(|(class, n)| {
-                let failed = self.tally.conflicts_failed.get(class).copied().unwrap_or(0);
-                format!("{class} {n} ({failed} failed after retries)")
-            })
-            .collect();
         row(
             "transaction conflicts",
-            if conflicts.is_empty() {
-                "none".to_owned()
-            } else {
-                conflicts.join(", ")
-            },
+            by_class(&self.tally.conflicts, &self.tally.conflicts_failed),
         );
         row(
             "task queue in flight",
