@@ -84,13 +84,7 @@ async fn poll(world: Rc<World>) {
 async fn invoke(world: &World, batch: Vec<Received>) {
     let started = world.cloud.clock.now();
     world.collector.borrow_mut().begin(batch.len());
-    let incoming: Vec<Incoming> = batch
-        .iter()
-        .map(|m| Incoming {
-            message_id: m.message_id.clone(),
-            body: m.body.clone(),
-        })
-        .collect();
+    let incoming: Vec<Incoming> = batch.iter().map(Incoming::from).collect();
     let collected = collect(&*world.store, &incoming).await;
     let used = Usage::invocation(world.cloud.clock.now() - started, MEMORY_MB);
     charge(

@@ -248,14 +248,11 @@ async fn report(
                 Either::Right((Either::Left(_), _)) => {}
             }
         }
-        let outgoing: Vec<Outgoing> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, f)| Outgoing {
-                id: i.to_string(),
-                body: Envelope::Result(f.result.clone()).to_json(),
-            })
-            .collect();
+        let outgoing = Outgoing::numbered(
+            batch
+                .iter()
+                .map(|f| Envelope::Result(f.result.clone()).to_json()),
+        );
         while world.results.send_batch(&outgoing).await.is_err() {
             world.cloud.clock.sleep(Duration::from_secs(1)).await;
         }

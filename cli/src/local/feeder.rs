@@ -42,13 +42,7 @@ pub async fn run(
         if messages.is_empty() {
             continue;
         }
-        let incoming: Vec<Incoming> = messages
-            .iter()
-            .map(|m| Incoming {
-                message_id: m.message_id.clone(),
-                body: m.body.clone(),
-            })
-            .collect();
+        let incoming: Vec<Incoming> = messages.iter().map(Incoming::from).collect();
         let started = std::time::Instant::now();
         let collected = collect(&collector.store, &incoming).await;
         let used = collector

@@ -16,7 +16,7 @@ use chrono::Utc;
 use futures::FutureExt;
 use nightshift_core::config;
 use nightshift_core::metrics::Emf;
-use nightshift_core::ports::{AttemptKind, RecordOutcome, ResultRecorder};
+use nightshift_core::ports::{AttemptKind, Received, RecordOutcome, ResultRecorder};
 use nightshift_core::{Envelope, Error, TaskOutcome, TaskResult};
 use tracing::Instrument;
 
@@ -44,6 +44,17 @@ impl Config {
 pub struct Incoming {
     pub message_id: String,
     pub body: String,
+}
+
+/// What the event source hands over of a message it received (the local
+/// stack's and the scale model's event sources).
+impl From<&Received> for Incoming {
+    fn from(message: &Received) -> Self {
+        Self {
+            message_id: message.message_id.clone(),
+            body: message.body.clone(),
+        }
+    }
 }
 
 /// What a batch came to.

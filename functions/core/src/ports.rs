@@ -305,6 +305,21 @@ pub struct Outgoing {
     pub body: String,
 }
 
+impl Outgoing {
+    /// One batch's entries, each named by its place in the batch: the id
+    /// a failure is reported by.
+    pub fn numbered(bodies: impl IntoIterator<Item = String>) -> Vec<Self> {
+        bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| Self {
+                id: i.to_string(),
+                body,
+            })
+            .collect()
+    }
+}
+
 /// An SQS queue (dispatcher, worker). Batch methods take one batch (see
 /// [`crate::limits::sqs_batches`]) and return the ids or receipts that
 /// failed.

@@ -529,8 +529,8 @@ impl Dispatcher<'_> {
 
     /// Sends tasks in SQS batches, several at once, then marks the ones
     /// sent, all at once (transactions of up to 99 tasks, not one per
-    /// batch); every task sent
-    /// joins `sent`, whatever its marking did, so it is not sent again.
+    /// batch); every task sent joins `sent`, whatever its marking did, so
+    /// it is not sent again.
     async fn queue_tasks(
         &self,
         run_id: &str,
@@ -559,14 +559,7 @@ impl Dispatcher<'_> {
             .collect();
         let answers: Vec<_> = futures::stream::iter(sqs_batches(messages, |(_, body)| body.len()))
             .map(|batch| async move {
-                let outgoing: Vec<Outgoing> = batch
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (_, body))| Outgoing {
-                        id: i.to_string(),
-                        body: body.clone(),
-                    })
-                    .collect();
+                let outgoing = Outgoing::numbered(batch.iter().map(|(_, body)| body.clone()));
                 let answer = self.queue.send_batch(&outgoing).await;
                 (batch, answer)
             })

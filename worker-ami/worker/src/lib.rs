@@ -569,14 +569,7 @@ fn queue_sender(queue: Arc<dyn Queue>, window: Window) -> Batcher<String> {
     Batcher::spawn(window, String::len, move |bodies: Vec<String>| {
         let queue = queue.clone();
         async move {
-            let messages: Vec<Outgoing> = bodies
-                .into_iter()
-                .enumerate()
-                .map(|(i, body)| Outgoing {
-                    id: i.to_string(),
-                    body,
-                })
-                .collect();
+            let messages = Outgoing::numbered(bodies);
             match queue.send_batch(&messages).await {
                 Ok(failed) => messages.iter().map(|m| !failed.contains(&m.id)).collect(),
                 Err(error) => {
