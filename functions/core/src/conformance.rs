@@ -713,6 +713,22 @@ impl Suite<'_> {
                 .unwrap(),
             "an expired lease is taken over"
         );
+        // A call repeated because its answer was lost finds its own write.
+        assert!(
+            self.store
+                .acquire_lease(&run, "late", later, ttl)
+                .await
+                .unwrap(),
+            "a dispatcher asking again keeps the lease it holds"
+        );
+        assert!(
+            !self
+                .store
+                .acquire_lease(&run, "other", later, ttl)
+                .await
+                .unwrap(),
+            "a held lease is refused to another dispatcher"
+        );
         self.store
             .release_lease(&run, "late", true, None)
             .await

@@ -759,7 +759,7 @@ impl RunStore for MemoryStore {
         let free = state
             .leases
             .get(run_id)
-            .is_none_or(|(_, until)| *until < now);
+            .is_none_or(|(holder, until)| *until < now || holder == owner);
         if !(open && free) {
             return Ok(false);
         }

@@ -247,7 +247,8 @@ pub trait RunStore: RunReader {
         now: DateTime<Utc>,
         deadline: DateTime<Utc>,
     ) -> Result<(Run, bool), Error>;
-    /// Takes the run's dispatch lease if it is free or expired.
+    /// Takes the run's dispatch lease if it is free, expired or already
+    /// this owner's (a repeated call finds its own write).
     async fn acquire_lease(
         &self,
         run_id: &str,

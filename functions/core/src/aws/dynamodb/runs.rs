@@ -111,10 +111,15 @@ impl RunStore for DynamoStore {
     ) -> Result<bool, Error> {
         let now_ms = now.timestamp_millis().unsigned_abs();
         let until = now_ms + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX / 2);
+        // The owner's own lease counts as free: an acquire whose answer was
+        // lost is repeated by the SDK and must find its write, not refuse
+        // the run for a whole lease.
         self.conditional_update(self.update(
             run_key(run_id),
             "SET #lease_owner = :owner, #lease_until = :until",
-            Some("#state = :open AND (attribute_not_exists(#lease_until) OR #lease_until < :now)"),
+            Some(
+                "#state = :open AND (attribute_not_exists(#lease_until) OR #lease_until < :now OR #lease_owner = :owner)",
+            ),
             &[LEASE_OWNER, LEASE_UNTIL, STATE],
             HashMap::from([
                 (":owner".into(), s(owner)),
