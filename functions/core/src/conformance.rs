@@ -281,6 +281,15 @@ impl Suite<'_> {
             .mark_queued(&run, &Sent::all(&ids[..1], "sleep"))
             .await
             .unwrap();
+        // A commit repeated after its answer was lost, once a dispatcher
+        // has queued the task, must not make it pending again.
+        self.store.commit("req-1", &tasks[..1]).await.unwrap();
+        let read = self.store.task(&kept.id).await.unwrap().unwrap();
+        assert_eq!(read.status, TaskStatus::Queued, "a repeated commit");
+        assert!(
+            self.all_pending(100).await.is_empty(),
+            "a repeated commit queues nothing twice"
+        );
         self.store.close_run(&run, Utc::now()).await.unwrap();
     }
 
@@ -772,9 +781,17 @@ impl Suite<'_> {
                 .unwrap()
         );
         assert!(
+            self.store
+                .record_fleet(&run, 0, &launched, &prices)
+                .await
+                .unwrap(),
+            "a request repeated after its answer was lost finds its own instances"
+        );
+        let another = [Launched::new("i-0ccc", at(4), None, None)];
+        assert!(
             !self
                 .store
-                .record_fleet(&run, 0, &launched, &prices)
+                .record_fleet(&run, 0, &another, &[])
                 .await
                 .unwrap(),
             "a request is recorded once"

@@ -800,13 +800,12 @@ impl RunStore for MemoryStore {
     ) -> Result<bool, Error> {
         network().await;
         let mut state = lock(&self.state);
-        let Some(run) = state
-            .runs
-            .get_mut(run_id)
-            .filter(|r| r.fleet_requests == request_number)
-        else {
+        let Some(run) = state.runs.get_mut(run_id) else {
             return Ok(false);
         };
+        if run.fleet_requests != request_number {
+            return Ok(run.records_fleet_request(request_number, launched));
+        }
         run.fleet_requests += 1;
         run.instances.extend(launched.iter().cloned());
         for price in prices {

@@ -450,6 +450,15 @@ pub struct Progress {
 }
 
 impl Run {
+    /// Whether fleet request `number` is recorded with these instances:
+    /// the run has counted it and holds the first of them.
+    pub fn records_fleet_request(&self, number: u32, launched: &[Launched]) -> bool {
+        self.fleet_requests == number.saturating_add(1)
+            && launched
+                .first()
+                .is_some_and(|first| self.instances.iter().any(|i| i.id == first.id))
+    }
+
     /// The run's progress at `now`.
     pub fn progress(&self, now: DateTime<Utc>) -> Progress {
         let ended = self.done + self.failed;

@@ -268,7 +268,9 @@ pub trait RunStore: RunReader {
     ) -> Result<(), Error>;
     /// Records the instances a fleet request launched; `request_number`
     /// must be the run's current `fleet_requests`, so a request is counted
-    /// once. `false` if that request was already recorded.
+    /// once. `false` if that request was already recorded with other
+    /// instances; `true` again for the same ones (a call repeated after its
+    /// answer was lost).
     /// The spot prices read for the request are recorded with it.
     async fn record_fleet(
         &self,

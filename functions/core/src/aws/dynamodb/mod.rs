@@ -194,6 +194,42 @@ impl DynamoStore {
         }
     }
 
+    /// Writes each item on its own condition, in transactions under the
+    /// limits. An item its condition refuses is not this caller's to write
+    /// and is left out; the others of its transaction were cancelled with
+    /// it and go again.
+    async fn transact_each(&self, mut items: Vec<(TransactWriteItem, usize)>) -> Result<(), Error> {
+        for attempt in 0u32.. {
+            let mut again = Vec::new();
+            let sized = items.into_iter().map(|(item, size)| ((item, size), size));
+            for group in transaction_groups(sized.collect(), 0) {
+                let writes = group.iter().map(|(item, _)| item.clone()).collect();
+                let Transaction::Cancelled(codes) = self.transact(writes).await? else {
+                    continue;
+                };
+                if codes.len() != group.len() {
+                    return Err(Error::transient(
+                        "TransactWriteItems",
+                        "refused without reasons",
+                    ));
+                }
+                again.extend(
+                    group
+                        .into_iter()
+                        .zip(codes)
+                        .filter(|(_, code)| code.is_none())
+                        .map(|(entry, _)| entry),
+                );
+            }
+            if again.is_empty() {
+                return Ok(());
+            }
+            pause_before_retry("TransactWriteItems", attempt, again.len()).await?;
+            items = again;
+        }
+        Ok(())
+    }
+
     /// Sends one conditional UpdateItem; `false` if its condition failed.
     async fn conditional_update(&self, update: Update) -> Result<bool, Error> {
         let result = self

@@ -203,7 +203,13 @@ impl RunStore for DynamoStore {
         }
         update = update.expression_attribute_names(format!("#{FLEET_REQUESTS}"), FLEET_REQUESTS);
         let update = update.build().map_err(|e| build_error("Update", e))?;
-        self.conditional_update(update).await
+        if self.conditional_update(update).await? {
+            return Ok(true);
+        }
+        // Refused: another pass recorded this request, or this call's own
+        // write did and its answer was lost.
+        let run = self.run(run_id).await?;
+        Ok(run.is_some_and(|run| run.records_fleet_request(request_number, launched)))
     }
 
     async fn record_instances(&self, run_id: &str, seen: &[InstanceSeen]) -> Result<(), Error> {

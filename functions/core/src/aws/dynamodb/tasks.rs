@@ -9,10 +9,7 @@ use aws_sdk_dynamodb::types::{Delete, Put, PutRequest, TransactWriteItem, WriteR
 use chrono::Utc;
 
 use super::codec::{self, *};
-use super::{
-    CONDITION_FAILED, DynamoStore, TRANSACTION_ITEMS, Transaction, pause_before_retry,
-    transaction_groups,
-};
+use super::{CONDITION_FAILED, DynamoStore, Transaction, transaction_groups};
 use crate::Error;
 use crate::aws::{build_error, classify};
 use crate::model::{NewTask, Task, TaskStatus};
@@ -25,9 +22,8 @@ const NEW_TASK_CONDITION: &str =
     "attribute_not_exists(pk) OR (#status = :staged AND #created_at < :cutoff)";
 
 impl DynamoStore {
-    /// The item of a task written by `request_id`: STAGED, or PENDING once
-    /// `committed`.
-    pub(super) fn task_item(&self, task: &NewTask, request_id: &str, committed: bool) -> Item {
+    /// The STAGED item of a task written by `request_id`.
+    pub(super) fn task_item(&self, task: &NewTask, request_id: &str) -> Item {
         let mut item = task_key(&task.id);
         item.insert(REQUEST_ID.into(), s(request_id));
         item.insert(TASK_ID.into(), s(&task.id));
@@ -40,17 +36,9 @@ impl DynamoStore {
             item.insert(IDEMPOTENCY_KEY.into(), s(&idempotency.key));
             item.insert(REQUEST_DIGEST.into(), s(&idempotency.request_digest));
         }
-        if committed {
-            item.insert(STATUS.into(), s(TaskStatus::Pending.as_str()));
-            item.insert(
-                PENDING_SHARD.into(),
-                s(&task.pending_shard(self.pending_shards).to_string()),
-            );
-        } else {
-            item.insert(STATUS.into(), s(TaskStatus::Staged.as_str()));
-            let expires = Utc::now().timestamp() + STAGED_TTL_SECONDS;
-            item.insert(EXPIRES_AT.into(), num(expires.unsigned_abs()));
-        }
+        item.insert(STATUS.into(), s(TaskStatus::Staged.as_str()));
+        let expires = Utc::now().timestamp() + STAGED_TTL_SECONDS;
+        item.insert(EXPIRES_AT.into(), num(expires.unsigned_abs()));
         item
     }
 
@@ -138,7 +126,7 @@ impl DynamoStore {
         let sized = tasks
             .iter()
             .map(|task| {
-                let item = self.task_item(task, request_id, false);
+                let item = self.task_item(task, request_id);
                 let size = item_size(&item);
                 ((task.id.clone(), item), size)
             })
@@ -200,7 +188,7 @@ impl TaskWriter for DynamoStore {
             tasks.iter().partition(|t| t.idempotency.is_some());
         let requests = plain
             .iter()
-            .map(|task| Self::put_request(self.task_item(task, request_id, false)))
+            .map(|task| Self::put_request(self.task_item(task, request_id)))
             .collect::<Result<Vec<_>, Error>>()?;
         self.batch_write(requests).await?;
         let mut keyed_outcomes = self.stage_keyed(request_id, &keyed).await?;
@@ -215,54 +203,47 @@ impl TaskWriter for DynamoStore {
     }
 
     async fn commit(&self, request_id: &str, tasks: &[NewTask]) -> Result<(), Error> {
-        // The request's own STAGED items, rewritten PENDING: nothing else
-        // writes a STAGED item, so the puts need no condition.
-        let requests = tasks
+        // Each on the condition that the item is still this request's
+        // STAGED one: a commit repeated after its answer was lost must not
+        // make a task that a dispatcher has queued since pending again.
+        let updates = tasks
             .iter()
-            .map(|task| Self::put_request(self.task_item(task, request_id, true)))
+            .map(|task| {
+                let size = item_size(&self.task_item(task, request_id));
+                Ok((self.commit_update(request_id, task)?, size))
+            })
             .collect::<Result<Vec<_>, Error>>()?;
-        self.batch_write(requests).await
+        self.transact_each(updates).await
     }
 
     async fn abort(&self, request_id: &str, task_ids: &[String]) -> Result<(), Error> {
         // Only what this request wrote and no dispatcher has queued yet.
-        let mut ids: Vec<&String> = task_ids.iter().collect();
-        for attempt in 0u32.. {
-            let mut again = Vec::new();
-            for group in ids.chunks(TRANSACTION_ITEMS) {
-                let deletes = group
-                    .iter()
-                    .map(|id| self.abort_delete(request_id, id))
-                    .collect::<Result<Vec<_>, Error>>()?;
-                if let Transaction::Cancelled(codes) = self.transact(deletes).await? {
-                    if codes.len() != group.len() {
-                        return Err(Error::transient(
-                            "TransactWriteItems",
-                            "abort refused without reasons",
-                        ));
-                    }
-                    // Deletes refused by their condition are not ours to
-                    // make; the others were cancelled with them and go again.
-                    again.extend(
-                        group
-                            .iter()
-                            .zip(codes)
-                            .filter(|(_, code)| code.is_none())
-                            .map(|(id, _)| *id),
-                    );
-                }
-            }
-            if again.is_empty() {
-                return Ok(());
-            }
-            pause_before_retry("TransactWriteItems", attempt, again.len()).await?;
-            ids = again;
-        }
-        Ok(())
+        let deletes = task_ids
+            .iter()
+            .map(|id| Ok((self.abort_delete(request_id, id)?, 0)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        self.transact_each(deletes).await
     }
 }
 
 impl DynamoStore {
+    fn commit_update(&self, request_id: &str, task: &NewTask) -> Result<TransactWriteItem, Error> {
+        let shard = task.pending_shard(self.pending_shards).to_string();
+        let update = self.update(
+            task_key(&task.id),
+            "SET #status = :pending, #pending_shard = :shard REMOVE #expires_at",
+            Some("#request_id = :request AND #status = :staged"),
+            &[STATUS, PENDING_SHARD, EXPIRES_AT, REQUEST_ID],
+            HashMap::from([
+                (":pending".into(), s(TaskStatus::Pending.as_str())),
+                (":shard".into(), s(&shard)),
+                (":request".into(), s(request_id)),
+                (":staged".into(), s(TaskStatus::Staged.as_str())),
+            ]),
+        )?;
+        Ok(TransactWriteItem::builder().update(update).build())
+    }
+
     fn abort_delete(&self, request_id: &str, task_id: &str) -> Result<TransactWriteItem, Error> {
         Delete::builder()
             .table_name(&self.table)

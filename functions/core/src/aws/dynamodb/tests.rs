@@ -168,8 +168,7 @@ async fn unprocessed_batch_writes_are_retried() {
         idempotency: None,
     };
     let store_for_item = DynamoStore::new(mock_client!(aws_sdk_dynamodb, []), "t", 4);
-    let unprocessed =
-        DynamoStore::put_request(store_for_item.task_item(&task, "req", false)).unwrap();
+    let unprocessed = DynamoStore::put_request(store_for_item.task_item(&task, "req")).unwrap();
     let rule = mock!(Client::batch_write_item)
         .sequence()
         .output(move || {
