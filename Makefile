@@ -17,6 +17,9 @@ ARTIFACTS_PREFIX ?= nightshift/
 BIN := $(CARGO_TARGET_DIR)/debug
 NIGHTSHIFT := $(BIN)/nightshift
 ACCOUNTS ?= 50
+# The demo's night ends half a day after it starts, so it runs on spot at
+# any hour (a night near its end launches on-demand, as it should).
+DEMO_NIGHT = --param NightEnd=$$(date -u -d '+12 hours' +%H:%M) --param Timezone=UTC
 CHAOS_TASKS ?= 300
 
 .PHONY: help venv browser build fmt fmt-check clippy lint unit e2e contract chaos test demo dashboard kernel-arm64 bench bench-orchestration bench-scale package upload-worker clean
@@ -128,7 +131,7 @@ test: fmt-check clippy lint unit e2e contract
 
 demo: venv build
 	$(NIGHTSHIFT) local down >/dev/null
-	$(NIGHTSHIFT) local up >/dev/null
+	$(NIGHTSHIFT) local up $(DEMO_NIGHT) >/dev/null
 	@echo "local stack up (.nightshift/local.env); running the demo"
 	$(NIGHTSHIFT) demo --accounts $(ACCOUNTS); status=$$?; \
 		$(NIGHTSHIFT) local down; exit $$status

@@ -96,7 +96,17 @@ impl Stack {
             // Lambda's log capture would take it.
             .stdout(std::fs::File::create(dir.path().join("serve.stdout")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap());
-        for (key, value) in parameters {
+        // A night that ends half a day from now unless the test says
+        // otherwise: the fleet a stack launches (spot, or on-demand when
+        // the deadline is near) must not depend on the hour tests run at.
+        let night_end = (chrono::Utc::now() + chrono::Duration::hours(12))
+            .format("%H:%M")
+            .to_string();
+        let night = [("NightEnd", night_end.as_str()), ("Timezone", "UTC")];
+        let unset = night
+            .iter()
+            .filter(|(key, _)| parameters.iter().all(|(given, _)| given != key));
+        for (key, value) in unset.chain(parameters) {
             command.arg("--param").arg(format!("{key}={value}"));
         }
         command.args(options);

@@ -268,9 +268,10 @@ pub trait RunStore: RunReader {
     ) -> Result<(), Error>;
     /// Records the instances a fleet request launched; `request_number`
     /// must be the run's current `fleet_requests`, so a request is counted
-    /// once. `false` if that request was already recorded with other
-    /// instances; `true` again for the same ones (a call repeated after its
-    /// answer was lost).
+    /// once. `false` if that request was already recorded, unless with
+    /// these same instances as the last request (a call repeated after its
+    /// answer was lost): then `true` again. A request that launched nothing
+    /// is never `true` twice.
     /// The spot prices read for the request are recorded with it.
     async fn record_fleet(
         &self,

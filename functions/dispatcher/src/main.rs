@@ -52,7 +52,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let (dispatcher, store, meter) = (&dispatcher, &store, &meter);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         let started = std::time::Instant::now();
-        let owner = event.context.request_id.clone();
+        // Unique to this pass: Lambda may deliver an event twice under one
+        // request id, and two passes must never share the lease.
+        let owner = format!("{}-{}", event.context.request_id, uuid::Uuid::new_v4());
         let now = chrono::Utc::now();
         // The night's schedule opens a run; every other event reconciles.
         let pass: Pass = if nightshift_dispatcher::opens_the_night(&event.payload) {

@@ -197,7 +197,7 @@ impl DynamoStore {
     /// Writes each item on its own condition, in transactions under the
     /// limits. An item its condition refuses is not this caller's to write
     /// and is left out; the others of its transaction were cancelled with
-    /// it and go again.
+    /// it and go again. Any other refusal fails the whole write.
     async fn transact_each(&self, mut items: Vec<(TransactWriteItem, usize)>) -> Result<(), Error> {
         for attempt in 0u32.. {
             let mut again = Vec::new();
@@ -213,13 +213,18 @@ impl DynamoStore {
                         "refused without reasons",
                     ));
                 }
-                again.extend(
-                    group
-                        .into_iter()
-                        .zip(codes)
-                        .filter(|(_, code)| code.is_none())
-                        .map(|(entry, _)| entry),
-                );
+                for (entry, code) in group.into_iter().zip(codes) {
+                    match code.as_deref() {
+                        None => again.push(entry),
+                        Some(CONDITION_FAILED) => {}
+                        Some(other) => {
+                            return Err(Error::permanent(
+                                "TransactWriteItems",
+                                format!("an item was refused: {other}"),
+                            ));
+                        }
+                    }
+                }
             }
             if again.is_empty() {
                 return Ok(());

@@ -157,16 +157,20 @@ async fn one_transaction_queues_a_batch_with_its_run_counter() {
     assert_eq!(rule.num_calls(), 1);
 }
 
-#[tokio::test]
-async fn unprocessed_batch_writes_are_retried() {
-    let task = NewTask {
-        id: "t1".into(),
+fn new_task(id: &str) -> NewTask {
+    NewTask {
+        id: id.into(),
         account: "a".into(),
         kernel: "sleep".into(),
         payload: Blob::json(&json!({"seconds": 1})),
         created_at: Utc::now(),
         idempotency: None,
-    };
+    }
+}
+
+#[tokio::test]
+async fn unprocessed_batch_writes_are_retried() {
+    let task = new_task("t1");
     let store_for_item = DynamoStore::new(mock_client!(aws_sdk_dynamodb, []), "t", 4);
     let unprocessed = DynamoStore::put_request(store_for_item.task_item(&task, "req")).unwrap();
     let rule = mock!(Client::batch_write_item)
@@ -258,4 +262,58 @@ async fn the_meter_asks_for_the_capacity_of_each_request_and_adds_it_up() {
         "each attempt, by component and operation"
     );
     assert!(meter.take().is_empty(), "a take starts the count again");
+}
+
+/// Whether every item of a transaction commits a STAGED task of `req`:
+/// PENDING, on the condition that it is still that request's STAGED item,
+/// and without the expiry that would have the table delete it a day later.
+fn commits_of_req(
+    request: &aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsInput,
+) -> bool {
+    request.transact_items().iter().all(|item| {
+        item.update().is_some_and(|u| {
+            u.update_expression().contains("REMOVE #expires_at")
+                && u.condition_expression() == Some("#request_id = :request AND #status = :staged")
+                && u.expression_attribute_names().is_some_and(|n| {
+                    n.get("#expires_at") == Some(&EXPIRES_AT.to_owned())
+                        && n.get("#status") == Some(&STATUS.to_owned())
+                })
+                && u.expression_attribute_values().is_some_and(|v| {
+                    v.get(":request") == Some(&s("req")) && v.get(":pending") == Some(&s("PENDING"))
+                })
+        })
+    })
+}
+
+#[tokio::test]
+async fn a_commit_leaves_a_task_its_condition_refuses_and_commits_the_others() {
+    // "a" was queued since (a repeated commit); "b" was cancelled with it.
+    let rule = mock!(Client::transact_write_items)
+        .match_requests(commits_of_req)
+        .sequence()
+        .error(|| cancelled(&["ConditionalCheckFailed", "None"]))
+        .output(committed)
+        .build();
+    let client = mock_client!(aws_sdk_dynamodb, RuleMode::Sequential, [&rule]);
+    let store = DynamoStore::new(client, "t", 4);
+    store
+        .commit("req", &[new_task("a"), new_task("b")])
+        .await
+        .unwrap();
+    assert_eq!(rule.num_calls(), 2);
+}
+
+#[tokio::test]
+async fn a_commit_refused_for_another_reason_fails() {
+    let rule = mock!(Client::transact_write_items)
+        .match_requests(commits_of_req)
+        .then_error(|| cancelled(&["ValidationError", "None"]));
+    let client = mock_client!(aws_sdk_dynamodb, [&rule]);
+    let store = DynamoStore::new(client, "t", 4);
+    let error = store
+        .commit("req", &[new_task("a"), new_task("b")])
+        .await
+        .unwrap_err();
+    assert!(!error.is_retryable(), "{error}");
+    assert_eq!(rule.num_calls(), 1);
 }
