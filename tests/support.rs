@@ -96,10 +96,13 @@ impl Stack {
             // Lambda's log capture would take it.
             .stdout(std::fs::File::create(dir.path().join("serve.stdout")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap());
-        // A night that ends half a day from now unless the test says
-        // otherwise: the fleet a stack launches (spot, or on-demand when
-        // the deadline is near) must not depend on the hour tests run at.
-        let night_end = (chrono::Utc::now() + chrono::Duration::hours(12))
+        // A night that ends three hours from now unless the test says
+        // otherwise: the fleet a stack launches must not depend on the hour
+        // the tests run at. Three hours is more than the hour within which
+        // the dispatcher turns to on-demand, and short enough that tasks of
+        // a kernel never measured (an hour each, until one is) call for
+        // several workers.
+        let night_end = (chrono::Utc::now() + chrono::Duration::hours(3))
             .format("%H:%M")
             .to_string();
         let night = [("NightEnd", night_end.as_str()), ("Timezone", "UTC")];
